@@ -1,0 +1,120 @@
+"""File formats and atomic writes shared by every stage.
+
+One score-map format serves CAMs, random-walk inputs and CRF outputs: an ``.npz`` holding
+``labels`` (int64, K) and ``scores`` (float, K x H x W), where ``labels`` are segmentation class
+indices (0 = background, c = foreground class c). A CAM file holds foreground classes only; a CRF
+file holds the background too. Nothing is pickled: the released code's ``.npy`` dicts are read
+only when the caller passes ``allow_pickle=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+class InputError(ValueError):
+    """A user mistake (bad path, bad file, bad value), reported as one line without traceback."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A reader never sees a half-written file under the final name, whatever kills the writer.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_scores(path: str | Path, labels: np.ndarray, scores: np.ndarray) -> None:
+    """Write a score map (see the module docstring) atomically."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    scores = np.asarray(scores)
+    if scores.ndim != 3 or scores.shape[0] != labels.size:
+        raise ValueError(f"scores of shape {scores.shape} do not match {labels.size} labels")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, labels=labels, scores=scores)
+
+
+def load_scores(path: str | Path, allow_pickle: bool = False,
+                released_cam: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read a score map; return ``(labels, scores)`` with scores as float32.
+
+    ``.npy`` files are the released code's pickled dicts ``{class: map}``: read only with
+    ``allow_pickle=True``. Their CAM dicts count foreground classes from 0 (``released_cam=True``
+    shifts them to segmentation indices); their CRF dicts already use segmentation indices.
+    """
+    path = Path(path)
+    if path.suffix == ".npy":
+        if not allow_pickle:
+            raise InputError(f"{path} is a pickled .npy file; pass --allow_pickle if you trust it")
+        data = np.load(path, allow_pickle=True).item()
+        keys = sorted(data)
+        labels = np.array([k + 1 if released_cam else k for k in keys], dtype=np.int64)
+        scores = np.stack([np.asarray(data[k], dtype=np.float32) for k in keys]) if keys else None
+        return labels, scores
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["labels"].astype(np.int64), z["scores"].astype(np.float32)
+    except FileNotFoundError:
+        raise InputError(f"score file not found: {path}") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{path} is not a valid score file ({e.__class__.__name__}: {e})") from None
+
+
+def is_valid_scores(path: str | Path) -> bool:
+    """True if ``path`` holds a complete, readable score map (used to skip finished work)."""
+    try:
+        labels, scores = load_scores(path)
+    except (InputError, OSError):
+        return False
+    return scores.ndim == 3 and scores.shape[0] == labels.size
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map, ``(n, 3)`` uint8 (bit-interleaved label index)."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+def save_label_png(path: str | Path, label: np.ndarray) -> None:
+    """Write a label map as a palette PNG in the VOC colours, atomically."""
+    img = Image.fromarray(np.asarray(label, dtype=np.uint8))
+    img.putpalette(voc_palette().reshape(-1).tolist())
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def load_label_png(path: str | Path) -> np.ndarray:
+    """Read a label PNG (palette or grey) as its raw indices, uint8 ``(H, W)``."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise InputError(f"{path} is a {img.mode} image, not a label map (palette or grey PNG)")
+            return np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"label file not found: {path}") from None
+    except OSError as e:
+        raise InputError(f"{path} does not decode as an image ({e})") from None
