@@ -1,0 +1,287 @@
+"""Evaluate segmentation predictions or CAMs against ground-truth label PNGs (mIoU).
+
+    python evaluation.py --list VOC2012/ImageSets/Segmentation/train.txt --predict_dir out_rw \
+        --gt_dir VOC2012/SegmentationClass --comment "rw train"
+    python evaluation.py --list ... --predict_dir out_cam --type npz --curve True --comment "cam"
+
+``--type png``: label predictions. ``--type npz``: our score files; a CAM file (foreground labels
+only) gets a background score ``--t`` (SEAM), a CRF file (labels include the background) is a plain
+argmax. ``--type npy``: the released pickled CAM dicts, read only with ``--allow_pickle``.
+``--curve True`` evaluates every background score t = 0.00 .. 0.59 in one pass over the files,
+plots the curve and reports the best t. IoU counts as the released code: TP / (T + P - TP) over
+pixels whose ground truth is not 255, a class absent everywhere scoring 0.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tool.cli import run_main, str2bool
+from tool.fileio import InputError, atomic_path, load_label_png, load_scores
+from tool.iou import (
+    confusion_from_joint,
+    curve_confusions,
+    curve_histogram,
+    iou_from_confusion,
+    joint_histogram,
+)
+from voc12.classes import BACKGROUND, IGNORE_INDEX, VOC, load_classes
+
+CURVE_THRESHOLDS = tuple(i / 100 for i in range(60))  # the released curve: t = 0.00 .. 0.59
+CHUNKS_PER_WORKER = 4
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """What every worker needs to turn one image's files into counts."""
+
+    predict_dir: Path
+    gt_dir: Path
+    num_classes: int
+    input_type: str
+    thresholds: tuple[float, ...] | None
+    allow_pickle: bool
+
+
+def read_name_list(path: str | Path) -> list[str]:
+    """Image names of a list file: the first column, as a bare name (``2007_000032``) or a path
+    (``/JPEGImages/2007_000032.jpg``) whose stem is the name."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image list not found: {path}")
+    names = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise InputError(f"image list is empty: {path}")
+    return names
+
+
+def _prediction(setup: EvalSetup, name: str, gt: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One image's prediction: ``(label map, None)`` or, for a CAM, ``(None, curve histogram)``."""
+    path = setup.predict_dir / f"{name}.{setup.input_type}"
+    if not path.is_file():
+        raise InputError(f"prediction file not found: {path}")
+    if setup.input_type == "png":
+        return load_label_png(path), None
+    try:
+        labels, scores = load_scores(path, allow_pickle=setup.allow_pickle,
+                                     released_cam=setup.input_type == "npy")
+    except InputError:
+        raise
+    except Exception as e:  # a released pickle can fail in many ways; all mean "not a CAM dict"
+        raise InputError(f"{path} is not a released CAM dict ({e.__class__.__name__}: {e})") from None
+    if scores is None:  # an image without any class: background everywhere
+        scores = np.zeros((0, *gt.shape), np.float32)
+    if labels.size and (labels.min() < 0 or labels.max() >= setup.num_classes):
+        raise InputError(f"{path} holds labels {labels.tolist()} outside 0..{setup.num_classes - 1}")
+    if setup.input_type == "npz" and 0 in labels:
+        # A CRF file: background included, plain argmax (ties to the lowest label).
+        order = np.argsort(labels, kind="stable")
+        return labels[order][scores[order].argmax(axis=0)].astype(np.uint8), None
+    if setup.thresholds is None:
+        raise InputError(f"{path} is a CAM without background: pass --t or --curve")
+    return None, curve_histogram(labels, scores, gt, np.asarray(setup.thresholds), setup.num_classes,
+                                 IGNORE_INDEX)
+
+
+def count_chunk(setup: EvalSetup, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Summed counts of some images: fixed predictions as a ``(C, C + 1)`` confusion, CAMs as a
+    ``(C, C, T + 1)`` curve histogram."""
+    num_classes = setup.num_classes
+    num_bins = len(setup.thresholds or ()) + 1
+    joint = np.zeros((256, 256), np.int64)
+    histogram = np.zeros((num_classes, num_classes, num_bins), np.int64)
+    for name in names:
+        gt_path = setup.gt_dir / f"{name}.png"
+        if not gt_path.is_file():
+            raise InputError(f"ground truth not found: {gt_path}")
+        gt = load_label_png(gt_path)
+        try:
+            pred, cam_histogram = _prediction(setup, name, gt)
+            if pred is None:
+                histogram += cam_histogram
+            else:
+                image_joint = joint_histogram(pred, gt)
+                confusion_from_joint(image_joint, num_classes, IGNORE_INDEX)  # validates this image
+                joint += image_joint
+        except InputError as e:
+            raise InputError(f"{name}: {e}") from None
+    return confusion_from_joint(joint, num_classes, IGNORE_INDEX), histogram
+
+
+def evaluate_confusions(predict_dir: str | Path, gt_dir: str | Path, names: Sequence[str], num_classes: int,
+                        input_type: str = "png", thresholds: Sequence[float] | None = None,
+                        num_workers: int = 1, allow_pickle: bool = False) -> np.ndarray:
+    """Confusions ``(T, C, C + 1)`` over all images, one per threshold (T = 1 without thresholds).
+
+    Files are read once, by ``num_workers`` processes (inline for 0 or 1).
+    """
+    if input_type not in ("png", "npy", "npz"):
+        raise InputError(f"unknown input type {input_type!r}; expected png, npy or npz")
+    for folder, what in ((predict_dir, "prediction"), (gt_dir, "ground-truth")):
+        if not Path(folder).is_dir():
+            raise InputError(f"{what} folder not found: {folder}")
+    if input_type == "npy" and not allow_pickle:
+        raise InputError("--type npy reads pickled files; pass --allow_pickle if you trust them")
+    if thresholds is not None:
+        thresholds = tuple(float(t) for t in thresholds)
+        if list(thresholds) != sorted(thresholds):
+            raise InputError("background thresholds must be sorted ascending")
+    setup = EvalSetup(Path(predict_dir), Path(gt_dir), num_classes, input_type, thresholds, allow_pickle)
+    count = functools.partial(count_chunk, setup)
+    workers = min(num_workers, len(names))
+    if workers <= 1:
+        fixed, histogram = count(names)
+    else:
+        size = -(-len(names) // (workers * CHUNKS_PER_WORKER))
+        chunks = [names[i:i + size] for i in range(0, len(names), size)]
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(count, chunks))
+        fixed = sum(r[0] for r in results)
+        histogram = sum(r[1] for r in results)
+    return fixed[None] + curve_confusions(histogram) if thresholds else fixed[None]
+
+
+def class_names_for(num_classes: int) -> tuple[str, ...]:
+    """VOC's names for VOC's class count, otherwise ``background, class1, class2, ...``."""
+    if num_classes == VOC.num_classes:
+        return VOC.all_names
+    return (BACKGROUND,) + tuple(f"class{i}" for i in range(1, num_classes))
+
+
+def metrics(conf: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Each class's IoU keyed by name and ``mIoU``, in percent, as the released dict."""
+    iou = iou_from_confusion(conf)
+    result = {name: float(v * 100) for name, v in zip(class_names, iou, strict=True)}
+    result["mIoU"] = float(np.mean(iou) * 100)
+    return result
+
+
+def print_table(result: dict, class_names: Sequence[str]) -> None:
+    """Two classes a line, then the mIoU, in the released layout."""
+    for i, name in enumerate(class_names):
+        print(f"{name:>11}:{result[name]:7.3f}%", end="\n" if i % 2 == 1 else "\t")
+    print("\n======================================================")
+    print(f"{'mIoU':>11}:{result['mIoU']:7.3f}%")
+
+
+def do_python_eval(predict_folder: str | Path, gt_folder: str | Path, name_list: Sequence[str],
+                   num_cls: int = VOC.num_classes, input_type: str = "png", threshold: float = 1.0,
+                   printlog: bool = False, class_names: Sequence[str] | None = None, num_workers: int = 1,
+                   allow_pickle: bool = False) -> dict:
+    """The released function: per-class IoU by name and ``mIoU`` in percent at one background
+    score ``threshold`` (used by CAM files only)."""
+    class_names = class_names or class_names_for(num_cls)
+    conf = evaluate_confusions(predict_folder, gt_folder, list(name_list), num_cls, input_type, [threshold],
+                               num_workers, allow_pickle)[0]
+    result = metrics(conf, class_names)
+    if printlog:
+        print_table(result, class_names)
+    return result
+
+
+def write_log(path: str | Path, metric: dict, comment: str) -> None:
+    """Append the released log entry: time and comment, ``key:value`` pairs, a rule."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()) + f"\t{comment}\n")
+        f.write("".join(f"{key}:{value}  " for key, value in metric.items()) + "\n")
+        f.write("=====================================\n")
+
+
+def plot_curve(path: str | Path, thresholds: Sequence[float], miou: Sequence[float], comment: str) -> None:
+    """mIoU against the background score, 640 x 480 pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(thresholds, miou, marker=".")
+    best = int(np.argmax(miou))
+    ax.axvline(thresholds[best], color="grey", linestyle="--", label=f"best t = {thresholds[best]:.2f}")
+    ax.set_xlabel("background score t")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(comment)
+    ax.legend()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def default_curve_png(logfile: str | Path) -> Path:
+    logfile = Path(logfile)
+    return logfile.with_name(f"{logfile.stem}_curve.png")
+
+
+def get_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", default="./VOC2012/ImageSets/Segmentation/train.txt", type=str)
+    parser.add_argument("--predict_dir", default="./out_rw", type=str)
+    parser.add_argument("--gt_dir", default="./VOC2012/SegmentationClass", type=str)
+    parser.add_argument("--logfile", default="./evallog.txt", type=str)
+    parser.add_argument("--comment", required=True, type=str)
+    parser.add_argument("--type", default="png", choices=["png", "npy", "npz"], type=str)
+    parser.add_argument("--t", default=None, type=float, help="background score of CAM files")
+    parser.add_argument("--curve", default=False, nargs="?", const=True, type=str2bool,
+                        help="evaluate CAMs at t = 0.00 .. 0.59 and report the best")
+    parser.add_argument("--dataset_classes", default=None, type=str,
+                        help="class-list file of a custom dataset (default: the 20 VOC classes)")
+    parser.add_argument("--num_workers", default=min(8, os.cpu_count() or 1), type=int,
+                        help="processes reading the files")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="read the released code's pickled .npy files (trusted files only)")
+    parser.add_argument("--curve_png", default=None, type=str,
+                        help="where to plot the curve (default: LOGFILE_curve.png beside the log file)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate, print, log; return the logged metrics (with ``threshold`` and, for a curve,
+    ``curve``: the mIoU at each t)."""
+    try:
+        classes = load_classes(args.dataset_classes)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    names = read_name_list(args.list)
+    class_names = classes.all_names
+    thresholds = CURVE_THRESHOLDS if args.curve else None if args.t is None else (args.t,)
+    confs = evaluate_confusions(args.predict_dir, args.gt_dir, names, classes.num_classes, args.type,
+                                thresholds, args.num_workers, args.allow_pickle)
+    if not args.curve:
+        result = metrics(confs[0], class_names)
+        print_table(result, class_names)
+        if args.t is not None:
+            result["threshold"] = args.t
+        write_log(args.logfile, result, args.comment)
+        return result
+    curve = [metrics(conf, class_names)["mIoU"] for conf in confs]
+    for i, (t, miou) in enumerate(zip(CURVE_THRESHOLDS, curve, strict=True)):
+        print(f"{i}/{len(curve)} background score: {t:.3f}\tmIoU: {miou:.3f}%")
+    best = int(np.argmax(curve))
+    result = metrics(confs[best], class_names)
+    print_table(result, class_names)
+    print(f"best background score: {CURVE_THRESHOLDS[best]:.2f}\tmIoU: {curve[best]:.3f}%")
+    result["threshold"] = CURVE_THRESHOLDS[best]
+    result["curve"] = curve
+    write_log(args.logfile, {"mIoU": curve, "best_t": result["threshold"], "best_mIoU": result["mIoU"]},
+              args.comment)
+    plot_curve(args.curve_png or default_curve_png(args.logfile), CURVE_THRESHOLDS, curve, args.comment)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_main(run, get_arg_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

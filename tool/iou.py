@@ -1,0 +1,141 @@
+"""Confusion matrices and IoU, the way the released evaluation counts them.
+
+A confusion matrix here is ``(C, C + 1)`` int64: row = ground-truth class, column = predicted
+class, and one last column for pixels predicted as ``ignore_index`` (a prediction that names no
+class). The released evaluation counts those pixels as misses of their ground-truth class, so
+they belong in the row totals but in no column total. Pixels whose ground truth is
+``ignore_index`` are not counted at all.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tool.fileio import InputError
+
+_BYTE_VALUES = 256
+
+
+def joint_histogram(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Counts of every (ground truth, prediction) pair of byte values, ``(256, 256)`` int64.
+
+    One ``bincount`` over the pixels; the confusion matrix and the check for out-of-range values
+    are both read off it.
+    """
+    if pred.shape != gt.shape:
+        raise InputError(f"prediction of size {pred.shape} does not match ground truth of size {gt.shape}")
+    pair = gt.astype(np.intp).reshape(-1) * _BYTE_VALUES
+    pair += pred.reshape(-1)
+    return np.bincount(pair, minlength=_BYTE_VALUES * _BYTE_VALUES).reshape(_BYTE_VALUES, _BYTE_VALUES)
+
+
+def confusion_from_joint(joint: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """The ``(C, C + 1)`` confusion matrix held in a joint byte histogram.
+
+    Raises InputError if a ground-truth or predicted value is neither a class nor ``ignore_index``.
+    """
+    bad_gt = np.flatnonzero(joint.sum(axis=1)[num_classes:])
+    bad_gt = bad_gt[bad_gt + num_classes != ignore_index]
+    if bad_gt.size:
+        raise InputError(f"ground truth holds value {bad_gt[0] + num_classes}; "
+                         f"expected 0..{num_classes - 1} or {ignore_index}")
+    bad_pred = np.flatnonzero(joint[:, num_classes:].sum(axis=0))
+    bad_pred = bad_pred[bad_pred + num_classes != ignore_index]
+    if bad_pred.size:
+        raise InputError(f"prediction holds value {bad_pred[0] + num_classes}; "
+                         f"expected 0..{num_classes - 1} or {ignore_index}")
+    conf = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+    conf[:, :num_classes] = joint[:num_classes, :num_classes]
+    if ignore_index < _BYTE_VALUES:
+        conf[:, num_classes] = joint[:num_classes, ignore_index]
+    return conf
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+                     ignore_index: int = 255) -> np.ndarray:
+    """Confusion matrix ``(C, C + 1)`` of a uint8 label prediction against its uint8 ground truth."""
+    if pred.dtype != np.uint8 or gt.dtype != np.uint8:
+        raise TypeError(f"label maps must be uint8, got {pred.dtype} and {gt.dtype}")
+    return confusion_from_joint(joint_histogram(pred, gt), num_classes, ignore_index)
+
+
+def iou_from_confusion(conf: np.ndarray) -> np.ndarray:
+    """Per-class IoU = TP / (T + P - TP), float64, over the last two axes of ``conf``.
+
+    ``conf`` is ``(..., C, C + 1)`` as built here, or a square ``(..., C, C)`` matrix. As in the
+    released code, a class absent from both ground truth and prediction has IoU 0 (its
+    denominator is padded with 1e-10), so the mean over all classes counts it.
+    """
+    conf = np.asarray(conf)
+    num_classes = conf.shape[-2]
+    if conf.shape[-1] not in (num_classes, num_classes + 1):
+        raise ValueError(f"confusion matrix of shape {conf.shape} is neither (C, C) nor (C, C + 1)")
+    tp = np.diagonal(conf[..., :num_classes], axis1=-2, axis2=-1)
+    gt_total = conf.sum(axis=-1)
+    pred_total = conf[..., :num_classes].sum(axis=-2)
+    return tp / (gt_total + pred_total - tp + 1e-10)
+
+
+def curve_histogram(labels: np.ndarray, scores: np.ndarray, gt: np.ndarray, thresholds: np.ndarray,
+                    num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """Pixel counts ``(C, C, T + 1)`` by (ground truth, best class, number of thresholds below
+    the best score); :func:`curve_confusions` turns them into the curve. Sums over images."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if scores.ndim != 3 or scores.shape[0] != labels.size:
+        raise InputError(f"scores of shape {scores.shape} do not match {labels.size} labels")
+    if scores.shape[1:] != gt.shape:
+        raise InputError(f"score map of size {scores.shape[1:]} does not match "
+                         f"ground truth of size {gt.shape}")
+    if labels.size and (labels.min() < 1 or labels.max() >= num_classes):
+        raise InputError(f"CAM labels {labels.tolist()} are not foreground classes 1..{num_classes - 1}")
+    num_bins = len(thresholds) + 1
+    valid = gt != ignore_index
+    gt_valid = gt[valid].astype(np.intp)
+    if gt_valid.size and gt_valid.max() >= num_classes:
+        raise InputError(f"ground truth holds value {gt_valid.max()}; "
+                         f"expected 0..{num_classes - 1} or {ignore_index}")
+    if labels.size:
+        # Ties go to the lowest class index, as an argmax over the dense class axis would.
+        order = np.argsort(labels, kind="stable")
+        valid_scores = scores[order][:, valid]
+        best_class = labels[order][valid_scores.argmax(axis=0)]
+        best_score = valid_scores.max(axis=0)
+        # Comparing in the scores' dtype matches the released float32 tensor holding t.
+        thresholds = np.asarray(thresholds, dtype=scores.dtype)
+        num_below = np.searchsorted(thresholds, best_score, side="left")
+    else:
+        best_class = np.zeros_like(gt_valid)
+        num_below = np.zeros_like(gt_valid)
+    index = (gt_valid * num_classes + best_class) * num_bins + num_below
+    return np.bincount(index, minlength=num_classes * num_classes * num_bins).reshape(
+        num_classes, num_classes, num_bins)
+
+
+def curve_confusions(histogram: np.ndarray) -> np.ndarray:
+    """Confusions ``(T, C, C + 1)`` at each threshold from a :func:`curve_histogram`.
+
+    At threshold k a pixel keeps its best class iff more than k thresholds lie below its score
+    (score > t_k); otherwise it is background. A reversed cumulative sum over the bins gives
+    every threshold at once.
+    """
+    num_classes, _, num_bins = histogram.shape
+    kept = np.cumsum(histogram[..., ::-1], axis=-1)[..., ::-1][..., 1:]
+    kept = np.moveaxis(kept, -1, 0)
+    conf = np.zeros((num_bins - 1, num_classes, num_classes + 1), dtype=np.int64)
+    conf[:, :, 1:num_classes] = kept[:, :, 1:]
+    conf[:, :, 0] = histogram.sum(axis=(1, 2)) - kept[:, :, 1:].sum(axis=-1)
+    return conf
+
+
+def cam_curve_confusions(labels: np.ndarray, scores: np.ndarray, gt: np.ndarray, thresholds: np.ndarray,
+                         num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """Confusions ``(T, C, C + 1)`` of one CAM score map at every background threshold, in one pass.
+
+    ``labels`` (K,) are the foreground classes of ``scores`` (K, H, W). At threshold t the
+    prediction is the argmax over ``[t, scores...]`` with the first index winning ties (SEAM):
+    background where the best score is <= t, else the best class (lowest label on ties).
+    ``thresholds`` must be sorted ascending.
+    """
+    thresholds = np.asarray(thresholds)
+    if np.any(np.diff(thresholds) < 0):
+        raise ValueError("thresholds must be sorted ascending")
+    return curve_confusions(curve_histogram(labels, scores, gt, thresholds, num_classes, ignore_index))
