@@ -235,6 +235,15 @@ def test_affinity_loss_without_pairs_of_a_kind_is_finite():
     assert got["loss"].item() == pytest.approx(-np.log(0.5 + 1e-5) / 2, rel=1e-5)
 
 
+def test_affinity_loss_of_half_precision_affinities_is_computed_in_float32():
+    aff = torch.tensor([[[1.0, 0.25, 0.999]]], dtype=torch.float16)
+    ones = torch.ones_like(aff, dtype=torch.float32)
+    got = losses.affinity_loss(aff, ones, ones, ones)
+    expected = np_affinity(aff.double().numpy(), *(np.ones(aff.shape),) * 3)
+    assert got["loss"].dtype == torch.float32
+    np.testing.assert_allclose(got["neg_loss"].item(), expected[3], rtol=1e-4)  # inf in float16
+
+
 # ----------------------------------------------------------------------------- gradients
 
 def gradcheck_cases():
@@ -334,7 +343,7 @@ def test_seam_baseline_is_cls_er_ecr(case, released):
 
 
 def test_sb_step_loss_weights_scale_their_terms():
-    inputs = make_sb_inputs(3, 1, 5, 20, 20)
+    inputs = make_sb_inputs(3, 1, 5, 16, 16)
     base, _ = run_sb_step(inputs, torch.float64)
     scaled, _ = run_sb_step(inputs, torch.float64, boundary_weight=0.5, smooth_weight=3.0)
     torch.testing.assert_close(scaled["loss_boundary"], base["loss_boundary"] * 50)
@@ -344,13 +353,13 @@ def test_sb_step_loss_weights_scale_their_terms():
 
 @pytest.mark.parametrize("weights", [(0.01, 0.0), (0.0, 1.0)])
 def test_sb_step_loss_needs_sb_map_for_positive_weights(weights):
-    inputs = make_sb_inputs(4, 1, 5, 20, 20)
+    inputs = make_sb_inputs(4, 1, 5, 16, 16)
     with pytest.raises(ValueError, match="sb_map"):
         run_sb_step(inputs, torch.float32, sb_map=None, boundary_weight=weights[0], smooth_weight=weights[1])
 
 
 def test_sb_step_loss_under_autocast_computes_in_float32():
-    inputs = make_sb_inputs(5, 1, 5, 20, 20)
+    inputs = make_sb_inputs(5, 1, 5, 16, 16)
     rounded = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in inputs.items()}
     outs = [tuple(rounded[k] for k in OUTPUT_NAMES[:3]), tuple(rounded[k] for k in OUTPUT_NAMES[3:])]
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -89,10 +89,12 @@ def ecr_loss(cam1_norm_small: torch.Tensor, cam_rv1_norm_small: torch.Tensor,
     """Equivariant cross regularisation between each view's CAM and the other view's refined CAM.
 
     B(p) = p with channel 0 := 1 - max_{c>=1} p_c, then classes other than the per-pixel argmax
-    zeroed (max_onehot); sg = stop-gradient; T_k = mean of the top 20% of the K h w values of a sample:
+    zeroed (max_onehot); sg = stop-gradient; T_k = mean of the largest fifth of the K h w values of a sample:
     L = T_k(|B(sg norm cam2) - norm cam_rv1|) + T_k(|B(sg norm cam1) - norm cam_rv2|).
     All inputs are normalised, label-multiplied maps at view 2's size. The refined maps keep their
-    own normalised background channel, as released; only the CAM targets get 1 - max.
+    own normalised background channel, as released; only the CAM targets get 1 - max. The released
+    code edits the CAMs in place after ER, which reads classes 1.. only: building the targets out of
+    place gives the same values and gradients and leaves the inputs intact.
     """
     target2 = _max_onehot(_with_background(cam2_norm.detach()))
     target1 = _max_onehot(_with_background(cam1_norm_small.detach()))
@@ -136,6 +138,13 @@ def smoothness_loss(prob: torch.Tensor, sb_map: torch.Tensor, label: torch.Tenso
     return SMOOTH_FIRST_ORDER_WEIGHT * torch.mean((grad_x + grad_y) * label) + torch.mean(second * label)
 
 
+def _full_precision(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Half and bfloat16 tensors as float32; other tensors (and None) unchanged."""
+    if t is not None and t.is_floating_point() and t.element_size() < 4:
+        return t.float()
+    return t
+
+
 def affinity_loss(aff: torch.Tensor, bg_label: torch.Tensor, fg_label: torch.Tensor,
                   neg_label: torch.Tensor) -> dict[str, torch.Tensor]:
     """AffinityNet cross-entropies over the radius pairs (released train_aff.py).
@@ -150,13 +159,6 @@ def affinity_loss(aff: torch.Tensor, bg_label: torch.Tensor, fg_label: torch.Ten
     neg_loss = torch.sum(-neg_label * torch.log(1.0 + 1e-5 - aff)) / (torch.sum(neg_label) + 1e-5)
     loss = bg_loss / 4 + fg_loss / 4 + neg_loss / 2
     return {"loss": loss, "bg_loss": bg_loss, "fg_loss": fg_loss, "neg_loss": neg_loss}
-
-
-def _full_precision(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Half and bfloat16 tensors as float32; other tensors (and None) unchanged."""
-    if t is not None and t.is_floating_point() and t.element_size() < 4:
-        return t.float()
-    return t
 
 
 def _resize(x: torch.Tensor, scale: float) -> torch.Tensor:
