@@ -1,0 +1,121 @@
+"""One process or many: torchrun ranks, the released DataParallel, or a single device.
+
+A script calls :func:`init_distributed` once, moves its model to ``info.device``, wraps it with
+:func:`wrap_model` and saves ``unwrap(model)``. Under ``torchrun`` every rank runs the whole
+script; :func:`shard` splits inference work and :func:`barrier` waits for the others.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tool.fileio import InputError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its rank among ``world_size`` processes and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes checkpoints, logs and TensorBoard files."""
+        return self.rank == 0
+
+
+def _parse_device(device: str | None) -> torch.device:
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r} (expected e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available")
+    return parsed
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun, else run one process on ``device``.
+
+    ``device`` defaults to ``cuda`` when available. Under torchrun a CUDA device becomes
+    ``cuda:LOCAL_RANK`` (NCCL); a CPU device uses Gloo.
+    """
+    parsed = _parse_device(device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=parsed, distributed=False)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if parsed.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise InputError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)")
+        parsed = torch.device("cuda", local_rank)
+        torch.cuda.set_device(parsed)
+    if not dist.is_initialized():
+        if parsed.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=parsed)
+        else:
+            dist.init_process_group(backend="gloo")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=parsed, distributed=True)
+
+
+def cleanup() -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel under torchrun; DataParallel over all visible GPUs when one process
+    was given plain ``cuda`` and sees several (the released behaviour); else ``model`` itself.
+
+    Buffers are not broadcast: frozen BatchNorm never changes them, and a BatchNorm that trains
+    normalises with batch statistics, so other ranks' running statistics are never read (rank 0's
+    are the ones saved).
+    """
+    if info.distributed:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                                   find_unused_parameters=find_unused_parameters)
+    if info.device.type == "cuda" and info.device.index is None and torch.cuda.device_count() > 1:
+        return nn.DataParallel(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside DDP, DataParallel or torch.compile wrappers (what checkpoints hold)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def shard(items: list, info: DistInfo) -> list:
+    """This rank's share of ``items``: every ``world_size``-th item from position ``rank``."""
+    return items[info.rank::info.world_size]
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here."""
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(value: float, info: DistInfo) -> float:
+    """The mean of ``value`` over all ranks (for logging; every rank must call it)."""
+    if not info.distributed:
+        return float(value)
+    total = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
+    dist.all_reduce(total)
+    return total.item() / info.world_size
