@@ -5,6 +5,7 @@ Parameter names equal the released ones (SEAM, SBNet, PSA), so their checkpoints
 """
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import struct
@@ -133,6 +134,7 @@ class Net(nn.Module):
         self.from_scratch_layers: list[nn.Module] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The final features conv7 (stride 8)."""
         return self.forward_as_dict(x)["conv7"]
 
     def forward_as_dict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -254,10 +256,11 @@ class _Reader:
     def scalars(self, fmt: str, what: str) -> tuple:
         return struct.unpack("<" + fmt, self.bytes(struct.calcsize("<" + fmt), what))
 
-    def array(self, dtype: type, shape: tuple[int, ...], what: str) -> np.ndarray:
-        arr = np.empty(shape, dtype=np.dtype(dtype).newbyteorder("<"))
-        if arr.nbytes > self.remaining:
+    def array(self, scalar_type: type, shape: tuple[int, ...], what: str) -> np.ndarray:
+        dtype = np.dtype(scalar_type).newbyteorder("<")
+        if math.prod(shape) * dtype.itemsize > self.remaining:  # before allocating
             raise self.fail(f"truncated while reading {what}")
+        arr = np.empty(shape, dtype=dtype)
         if self.f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
             raise self.fail(f"truncated while reading {what}")
         self.remaining -= arr.nbytes

@@ -15,6 +15,7 @@ import torch
 from network import resnet38_aff, resnet38_sb, resnet38d
 from tool.affinity import get_indices_of_pairs, search_offsets
 from tool.fileio import InputError
+from voc12.classes import VOC
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -106,7 +107,7 @@ def test_sb_forward_matches_released(released, sb_full):
     with torch.no_grad():
         outputs = sb_full(x)
     for name, out in zip(("cam", "cam_rv", "edge"), outputs, strict=True):
-        assert out.shape == (2, 21, 64, 64)
+        assert out.shape == (2, VOC.num_classes, 64, 64)
         out = out.numpy()
         sample = out.reshape(-1)[released[f"sb_{name}_index"]]
         scale = np.abs(released[f"sb_{name}_sample"]).max()
