@@ -79,8 +79,8 @@ def boundaries_from_labels(label: np.ndarray, num_classes: int, width: float = 2
     """Soft region boundaries of a label map ``(H, W)``, float32 ``(num_classes, H, W)`` in [0, 1].
 
     Channel c is 1 on the pixels of class c within ``width`` pixels (Euclidean) of a pixel of
-    any other value, with a Gaussian tail of ``sigma`` around them and 0 beyond
-    ``width + 3 sigma``. An ignored pixel (255) counts as "other": VOC's ignore bands run along
+    any other value, with a Gaussian tail of ``sigma`` around them, and exactly 0 farther than
+    ``round(3 sigma)`` pixels along either axis from those. An ignored pixel (255) counts as "other": VOC's ignore bands run along
     object outlines, so the objects keep their edges, and the band itself has no channel. The
     image border is not an edge; a class absent from the map, or filling all of it, has none.
     """
