@@ -126,7 +126,7 @@ def slow_save(obj, path):
 checkpoint.torch.save = slow_save
 model = torch.nn.Linear(3, 2)
 checkpoint.save_checkpoint(sys.argv[1], model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                           epoch=2, step=20, args={})
+                           epoch=2, step=16, args={})
 """
 
 
@@ -152,7 +152,7 @@ def test_unsaveable_value_fails_at_save_time_and_keeps_the_old_file(tmp_path):
     model, optimizer = tiny_model_and_optimizer()
     save_checkpoint(path, model=model, optimizer=optimizer, epoch=1, step=10, args={})
     with pytest.raises(TypeError, match="'list_file'"):
-        save_checkpoint(path, model=model, optimizer=optimizer, epoch=2, step=20,
+        save_checkpoint(path, model=model, optimizer=optimizer, epoch=2, step=16,
                         args={"list_file": Path("train.txt")})
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

@@ -6,6 +6,7 @@ script; :func:`shard` splits inference work and :func:`barrier` waits for the ot
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -82,9 +83,12 @@ def wrap_model(model: nn.Module, info: DistInfo, find_unused_parameters: bool = 
     are the ones saved).
     """
     if info.distributed:
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                                   find_unused_parameters=find_unused_parameters)
+        ddp = nn.parallel.DistributedDataParallel
+        # torch 2.14 renamed broadcast_buffers; the aarch64 pin (2.9) knows only the old name.
+        no_buffer_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                          else "broadcast_buffers")
+        return ddp(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                   find_unused_parameters=find_unused_parameters, **{no_buffer_sync: False})
     if info.device.type == "cuda" and info.device.index is None and torch.cuda.device_count() > 1:
         return nn.DataParallel(model)
     return model
