@@ -1,0 +1,37 @@
+"""Shared by the benchmark scripts: puts the repository on ``sys.path`` (the scripts run as
+``python bench/NAME.py``), times callables, describes the machine."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def best_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    """The fastest of ``repeat`` runs, in seconds, and the last result."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        tic = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - tic)
+    return best, result
+
+
+def machine() -> str:
+    """CPU model and core count, as ``lscpu`` reports them."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                     if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
