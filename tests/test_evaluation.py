@@ -13,6 +13,7 @@ from PIL import Image
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 import evaluation
+from tool import iou
 from tool.fileio import InputError, save_label_png, save_scores
 from tool.iou import cam_curve_confusions, confusion_matrix, iou_from_confusion
 from voc12.classes import VOC
@@ -98,6 +99,19 @@ def test_confusion_matrix_matches_torchmetrics(dataset):
     ours = sum(confusion_matrix(pred, gt, NUM_CLASSES) for pred, gt in pairs)
     assert ours.shape == (NUM_CLASSES, NUM_CLASSES + 1)
     np.testing.assert_array_equal(ours, reference_confusion(dataset["png"], dataset["gt"], NUM_CLASSES))
+
+
+def test_joint_histogram_paths_agree(dataset, monkeypatch):
+    """OpenCV's float32 histogram and the np.bincount fallback for huge maps count alike."""
+    pred, gt = dataset["png"][0], dataset["gt"][0]
+    fast = iou.joint_histogram(pred, gt)
+    monkeypatch.setattr(iou, "CALCHIST_MAX_PIXELS", 0)
+    np.testing.assert_array_equal(iou.joint_histogram(pred, gt), fast)
+    expected = np.zeros((256, 256), np.int64)
+    np.add.at(expected, (gt.reshape(-1), pred.reshape(-1)), 1)
+    np.testing.assert_array_equal(fast, expected)
+    with pytest.raises(TypeError):
+        iou.joint_histogram(pred.astype(np.int64), gt)
 
 
 def test_iou_square_and_absent_classes():
