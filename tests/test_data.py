@@ -61,8 +61,8 @@ def test_unknown_class_in_xml_is_named(tmp_path):
 def test_load_img_name_list_reads_released_and_plain_lines(tmp_path):
     path = tmp_path / "list.txt"
     path.write_text("/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n\n"
-                    "2008_000008\n/JPEGImages/2009_000012.jpg\n")
-    assert load_img_name_list(path) == ["2007_000032", "2008_000008", "2009_000012"]
+                    "2008_000008\n/JPEGImages/2009_000012.jpg\nphoto.v2\n")
+    assert load_img_name_list(path) == ["2007_000032", "2008_000008", "2009_000012", "photo.v2"]
     with pytest.raises(InputError, match="image list not found"):
         load_img_name_list(tmp_path / "nope.txt")
 

@@ -27,16 +27,18 @@ from voc12.sb_map import find_sb_map, load_sb_map
 
 IMG_FOLDER_NAME = "JPEGImages"
 LABEL_FILE_NAME = "cls_labels.npz"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Pixels whose pooled CRF scores all fall below this are crop padding (the released threshold).
 NO_SCORE = 1e-5
 
 
 def load_img_name_list(path: str | Path) -> list[str]:
-    """Image names of a list file: the first word of each line, without folder and extension."""
+    """Image names of a list file: the first word of each line, without folder and image extension."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image list not found: {path}")
-    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    names = [Path(line.split()[0]) for line in path.read_text().splitlines() if line.strip()]
+    return [p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name for p in names]
 
 
 def default_label_file(list_path: str | Path) -> str:

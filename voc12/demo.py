@@ -242,23 +242,27 @@ def make_image(rng: np.random.Generator, size: tuple[int, int],
 
 def background(rng: np.random.Generator, size: tuple[int, int], looks: list[Appearance],
                ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """Clutter, float RGB in [0, 1]: a smooth colour field, fine noise and distractor blobs,
-    most of them dressed in a class's texture and colours."""
+    """Clutter, float RGB in [0, 1]: a muted colour field, fine noise and distractor blobs. A
+    third of the blobs wear a class's texture and colours, a third only its texture."""
     h, w = size
     side = min(h, w)
-    canvas = 0.15 + 0.7 * smooth_noise(rng, size, 4, channels=3)
+    grey = smooth_noise(rng, size, 4)
+    canvas = 0.2 + 0.5 * grey + 0.25 * (smooth_noise(rng, size, 3, channels=3) - 0.5)
     canvas += 0.15 * (smooth_noise(rng, size, 24) - 0.5)
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(1, 4))):
         blob = smooth_noise(rng, size, 5)[..., 0]
         cy, cx, reach = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.15, 0.35) * side
         where = (blob > 0.55) & (np.hypot(ys - cy, xs - cx) < reach)
         if not where.any():
             continue
-        if rng.random() < 0.7:
-            look = looks[int(rng.integers(len(looks)))]
-        else:
-            look = Appearance("disc", 1.0, TEXTURES[int(rng.integers(len(TEXTURES)))],
-                              tuple(rng.uniform(0, 1, 3)), tuple(rng.uniform(0, 1, 3)), rng.uniform(1, 4))
+        look = looks[int(rng.integers(len(looks)))]
+        kind = rng.random()
+        if kind >= 1 / 3:
+            dull = tuple(rng.uniform(0.2, 0.8, 3))
+            look = Appearance("disc", 1.0, look.texture, dull, tuple(0.5 * np.array(dull)), look.frequency)
+        if kind >= 2 / 3:
+            look = Appearance("disc", 1.0, TEXTURES[int(rng.integers(len(TEXTURES)))], look.primary,
+                              look.secondary, rng.uniform(1, 4))
         u, v = object_frame(ys, xs, cy, cx, reach, rng.uniform(0, 2 * np.pi), (1.0, 1.0))
         paint(canvas, where, look, u, v, rng, shading=0.1)
     return canvas

@@ -80,9 +80,10 @@ def boundaries_from_labels(label: np.ndarray, num_classes: int, width: float = 2
 
     Channel c is 1 on the pixels of class c within ``width`` pixels (Euclidean) of a pixel of
     any other value, with a Gaussian tail of ``sigma`` around them, and exactly 0 farther than
-    ``round(3 sigma)`` pixels along either axis from those. An ignored pixel (255) counts as "other": VOC's ignore bands run along
-    object outlines, so the objects keep their edges, and the band itself has no channel. The
-    image border is not an edge; a class absent from the map, or filling all of it, has none.
+    ``round(3 sigma)`` pixels along either axis from those. An ignored pixel (255) counts as
+    "other": VOC's ignore bands run along object outlines, so the objects keep their edges, and
+    the band itself has no channel. The image border is not an edge; a class absent from the
+    map, or filling all of it, has none.
     """
     label = np.asarray(label)
     values = np.unique(label)
