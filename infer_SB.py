@@ -1,0 +1,145 @@
+"""SB step inference: multi-scale CAMs (cam_rv of the SB network, scales 0.5/1/1.5/2 and flips),
+their argmax prediction and the dense-CRF refinements with background powers 4 and 24.
+
+    python infer_SB.py --weights resnet38_SB.pth --infer_list voc12/train_aug.txt \
+        --out_cam out_cam --out_crf out_crf --out_cam_pred out_cam_pred
+
+Outputs are written atomically and an image whose outputs all exist is skipped, so a killed run
+resumes where it stopped (``--overwrite`` redoes everything). Under torchrun the list is split
+over the ranks.
+"""
+from __future__ import annotations
+
+import argparse
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from network import resnet38_sb
+from network.resnet38d import load_weights
+from tool.cli import add_data_args, add_infer_args, add_model_args, add_sb_model_args, run_main
+from tool.crf import crf_with_alpha
+from tool.distributed import DistInfo, cleanup, init_distributed, shard
+from tool.fileio import is_valid_scores, save_label_png, save_scores
+from tool.logutils import progress, setup_logging
+from voc12.classes import load_classes
+from voc12.data import VOC12ClsDatasetMSF, default_label_file, first_item
+
+CRF_ALPHAS = (4, 24)
+SCALES = (0.5, 1.0, 1.5, 2.0)
+
+
+def get_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
+    add_model_args(parser, weights_required=True)
+    add_sb_model_args(parser)
+    add_infer_args(parser, infer_list="voc12/train.txt")
+    parser.add_argument("--out_cam", default=None, type=str, help="folder of CAM score files (.npz)")
+    parser.add_argument("--out_crf", default=None, type=str,
+                        help="prefix of the CRF folders: OUT_CRF_4.0 and OUT_CRF_24.0")
+    parser.add_argument("--out_cam_pred", default=None, type=str, help="folder of argmax PNGs")
+    parser.add_argument("--out_cam_pred_alpha", default=0.26, type=float, help="background score of --out_cam_pred")
+    parser.add_argument("--crf_alphas", default=list(CRF_ALPHAS), type=float, nargs="+",
+                        help="background powers of the CRF outputs (low and high)")
+    parser.add_argument("--crf_workers", default=2, type=int, help="processes running the dense CRF")
+    return parser
+
+
+def crf_dir(prefix: str, alpha: float) -> Path:
+    """The released folder name of a CRF output: PREFIX_4.0, PREFIX_24.0."""
+    return Path(f"{prefix}_{alpha:.1f}")
+
+
+@torch.no_grad()
+def multiscale_cam(model: torch.nn.Module, imgs: list[torch.Tensor], label: torch.Tensor,
+                   size: tuple[int, int], device: torch.device) -> np.ndarray:
+    """Sum of the foreground cam_rv over scales and flips, ReLU, per-class min-max normalised
+    (the released formula), times the image label: ``(num_fg, H, W)`` float32."""
+    total = torch.zeros((label.numel(), *size), device=device)
+    for i in range(0, len(imgs), 2):
+        # A scale and its flip go through the network as one batch of two.
+        batch = torch.stack([imgs[i], imgs[i + 1]]).to(device)
+        _, cam_rv, _ = model(batch)
+        cam = F.interpolate(cam_rv[:, 1:], size, mode="bilinear", align_corners=False)
+        total += cam[0] + cam[1].flip(-1)
+    total = (total * label.to(device).view(-1, 1, 1)).cpu().numpy()
+    total[total < 0] = 0
+    cam_max = total.max(axis=(1, 2), keepdims=True)
+    cam_min = total.min(axis=(1, 2), keepdims=True)
+    total[total < cam_min + 1e-5] = 0
+    return ((total - cam_min - 1e-5) / (cam_max - cam_min + 1e-5)).astype(np.float32)
+
+
+def crf_outputs(img: np.ndarray, labels: np.ndarray, cams: np.ndarray,
+                alphas: list[float]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """CRF score maps for each background power (runs in a worker process)."""
+    return [crf_with_alpha(img, labels, cams, alpha) for alpha in alphas]
+
+
+def outputs_done(name: str, args: argparse.Namespace) -> bool:
+    paths = []
+    if args.out_cam:
+        paths.append(Path(args.out_cam) / f"{name}.npz")
+    if args.out_crf:
+        paths += [crf_dir(args.out_crf, a) / f"{name}.npz" for a in args.crf_alphas]
+    done = all(is_valid_scores(p) for p in paths)
+    return done and (not args.out_cam_pred or (Path(args.out_cam_pred) / f"{name}.png").is_file())
+
+
+def run(args: argparse.Namespace) -> None:
+    info: DistInfo = init_distributed(args.device)
+    logger = setup_logging(None, info)
+    classes = load_classes(args.dataset_classes)
+    model = resnet38_sb.Net(num_classes=classes.num_classes, width=args.backbone_width,
+                            canny_on_rgb=args.canny_on_rgb)
+    load_weights(model, args.weights, strict=True)
+    model = model.to(info.device).eval()
+    if args.channels_last and info.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    dataset = VOC12ClsDatasetMSF(args.infer_list, args.voc12_root,
+                                 args.label_file or default_label_file(args.infer_list), classes, scales=SCALES)
+    todo = [i for i in shard(list(range(len(dataset))), info)
+            if args.overwrite or not outputs_done(dataset.names[i], args)]
+    logger.info("%d of %d images to infer on rank %d", len(todo), len(dataset), info.rank)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=1,
+                                         collate_fn=first_item, num_workers=args.num_workers)
+    pending: list[tuple[str, Future]] = []
+    use_amp = args.amp and info.device.type == "cuda"
+    with ProcessPoolExecutor(max_workers=max(args.crf_workers, 1)) as pool:
+        for pack in progress(loader, info, desc="infer_SB"):
+            name = pack["name"]
+            with torch.autocast("cuda", enabled=use_amp):
+                norm_cam = multiscale_cam(model, pack["img"], pack["label"], tuple(pack["size"]), info.device)
+            present = np.nonzero(pack["label"].numpy() > 1e-5)[0]
+            labels, cams = present + 1, norm_cam[present]
+            if args.out_cam:
+                save_scores(Path(args.out_cam) / f"{name}.npz", labels, cams)
+            if args.out_cam_pred:
+                bg = np.full((1, *norm_cam.shape[1:]), args.out_cam_pred_alpha, np.float32)
+                save_label_png(Path(args.out_cam_pred) / f"{name}.png",
+                               np.argmax(np.concatenate([bg, norm_cam]), 0))
+            if args.out_crf:
+                pending.append((name, pool.submit(crf_outputs, pack["orig"], labels, cams, args.crf_alphas)))
+            while pending and (pending[0][1].done() or len(pending) > 4 * max(args.crf_workers, 1)):
+                write_crf(*pending.pop(0), args)
+        for item in pending:
+            write_crf(*item, args)
+    cleanup()
+
+
+def write_crf(name: str, future: Future, args: argparse.Namespace) -> None:
+    for alpha, (labels, scores) in zip(args.crf_alphas, future.result(), strict=True):
+        save_scores(crf_dir(args.out_crf, alpha) / f"{name}.npz", labels, scores)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(run, get_arg_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Argument groups shared by the stage scripts, and the guard that turns user mistakes into
+one-line errors.
+
+The flag names and defaults are the released code's (``--voc12_root``, ``--weights``,
+``--session_name``, ...); the additions a user needs today (``--device``, ``--backbone_width``,
+``--resume``, ...) are grouped here so that every script spells them the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tool.checkpoint import NonFiniteLoss
+from tool.fileio import InputError
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse 'True'/'False'/'1'/'0'/'yes'/'no' (the released ``type=bool`` made 'False' true)."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "y", "on"):
+        return True
+    if lowered in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Where the images, labels and class names are."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--voc12_root", default="VOC2012", type=str,
+                   help="VOC2012 folder (JPEGImages, SegmentationClass, ...)")
+    g.add_argument("--label_file", default=None, type=str,
+                   help="image-level label file (default: cls_labels.npz beside the list)")
+    g.add_argument("--dataset_classes", default=None, type=str,
+                   help="class-list file of a custom dataset (default: the 20 VOC classes)")
+    g.add_argument("--num_workers", default=8, type=int)
+    g.add_argument("--allow_pickle", action="store_true",
+                   help="read the released code's pickled .npy CAM/CRF files (trusted files only)")
+
+
+def add_model_args(parser: argparse.ArgumentParser, weights_required: bool) -> None:
+    """Which network, on which device."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--weights", required=weights_required, default=None, type=str,
+                   help="MXNet .params ImageNet file, or a checkpoint of ours or of the released code")
+    g.add_argument("--backbone_width", default=1.0, type=float,
+                   help="channel multiplier of ResNet-38 (1.0 = the paper; the CPU demo uses 0.125)")
+    g.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    g.add_argument("--channels_last", action="store_true", help="channels_last memory format on CUDA")
+
+
+def add_sb_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options of the SB network that training and inference must agree on."""
+    parser.add_argument("--canny_on_rgb", action="store_true",
+                        help="Canny on the real RGB image (the released code runs it on the normalised tensor)")
+
+
+def add_train_args(parser: argparse.ArgumentParser, *, session_name: str, max_epoches: int,
+                   crop_size: int = 448) -> None:
+    """The released training flags plus resume, seeding and logging."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--batch_size", default=8, type=int, help="global batch, split over GPUs/ranks")
+    g.add_argument("--max_epoches", default=max_epoches, type=int)
+    g.add_argument("--lr", default=0.01, type=float)
+    g.add_argument("--wt_dec", default=5e-4, type=float)
+    g.add_argument("--momentum", default=None, type=float,
+                   help="real SGD momentum; default reproduces the released quirk (momentum = wt_dec)")
+    g.add_argument("--crop_size", default=crop_size, type=int)
+    g.add_argument("--train_list", default="voc12/train_aug.txt", type=str)
+    g.add_argument("--session_name", default=session_name, type=str)
+    g.add_argument("--tblog_dir", default="./tblog", type=str)
+    g.add_argument("--tb_image_every", default=200, type=int, help="steps between CAM pictures in TensorBoard")
+    g.add_argument("--log_every", default=50, type=int)
+    g.add_argument("--resume", default=None, nargs="?", const="auto", type=str,
+                   help="continue from a training checkpoint (default: SESSION_NAME.ckpt)")
+    g.add_argument("--seed", default=100000, type=int)
+    g.add_argument("--train_bn", action="store_true",
+                   help="let BatchNorm train (needed from random init; the paper freezes it)")
+
+
+def add_infer_args(parser: argparse.ArgumentParser, infer_list: str) -> None:
+    g = parser.add_argument_group("inference")
+    g.add_argument("--infer_list", default=infer_list, type=str)
+    g.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+
+
+def run_main(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
+             argv: list[str] | None = None) -> Any:
+    """Parse ``argv``, call ``run(args)``; a user mistake exits 2 and a diverged training exits 1,
+    each with one line on stderr."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except NonFiniteLoss as e:
+        print(f"error: {e}; the last checkpoint is the last good state", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,167 @@
+"""The epoch loop shared by train_SB.py and train_aff.py: resume, checkpoints, signals, logging.
+
+Each script builds its model, data and optimiser and hands ``fit`` a ``step_fn(model, pack)``
+that returns ``(losses, outputs)`` with ``losses['loss']`` the objective. ``fit`` owns what must be
+the same in every stage: the poly schedule's step count, checkpoints written atomically at each
+epoch end and on SIGTERM/SIGINT, exact resume (model, optimiser, RNG, position in the epoch), a
+stop on a non-finite loss that keeps the last good checkpoint, progress bars, log lines and
+TensorBoard curves.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tool.checkpoint import (
+    ResumableSampler,
+    StopSignal,
+    check_finite,
+    ignore_stop_signals,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from tool.distributed import DistInfo, unwrap
+from tool.fileio import InputError, atomic_path
+from tool.logutils import AverageMeter, TBWriter, progress
+
+StepFn = Callable[[torch.nn.Module, dict], tuple[dict[str, torch.Tensor], Any]]
+PictureFn = Callable[[dict, Any], np.ndarray]
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    return Path(args.session_name + ".ckpt")
+
+
+def final_weights_path(args: argparse.Namespace) -> Path:
+    return Path(args.session_name + ".pth")
+
+
+def poly_param_groups(groups: tuple[list, list, list, list], lr: float, wt_dec: float) -> list[dict]:
+    """The released learning-rate groups: pretrained x1/x2, from scratch x10/x20; no decay on biases."""
+    return [
+        {"params": groups[0], "lr": lr, "weight_decay": wt_dec},
+        {"params": groups[1], "lr": 2 * lr, "weight_decay": 0},
+        {"params": groups[2], "lr": 10 * lr, "weight_decay": wt_dec},
+        {"params": groups[3], "lr": 20 * lr, "weight_decay": 0},
+    ]
+
+
+def make_train_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
+                      info: DistInfo) -> tuple[ResumableSampler, torch.utils.data.DataLoader]:
+    if args.batch_size % info.world_size:
+        raise InputError(f"--batch_size {args.batch_size} does not split over {info.world_size} ranks")
+    sampler = ResumableSampler(len(dataset), shuffle=True, seed=args.seed, batch_size=args.batch_size,
+                               drop_last=True, rank=info.rank, world_size=info.world_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // info.world_size, sampler=sampler, drop_last=True,
+        num_workers=args.num_workers, pin_memory=info.device.type == "cuda", worker_init_fn=ignore_stop_signals,
+        # A private generator keeps the global RNG (dropout) independent of loader creation, so that
+        # a resumed run draws the same numbers as an uninterrupted one.
+        generator=torch.Generator())
+    return sampler, loader
+
+
+def _stop_everywhere(stop: StopSignal, info: DistInfo) -> bool:
+    """A signal may reach the ranks one step apart: agree, or the collective ops would hang."""
+    if not info.distributed:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=info.device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def resume_state(args: argparse.Namespace, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer) -> dict:
+    """Load ``--resume`` into model, optimiser and RNGs; return where to start: ``epoch``, ``batch``
+    (batches done in that epoch) and the AMP ``scaler`` state."""
+    if not args.resume:
+        return {"epoch": 0, "batch": 0}
+    path = checkpoint_path(args) if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        raise InputError(f"no checkpoint to resume from at {path}")
+    ckpt = load_checkpoint(path)
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    extra = ckpt.get("extra") or {}
+    return {"epoch": int(ckpt["epoch"]), "batch": int(extra.get("batch", 0)), "scaler": extra.get("scaler")}
+
+
+def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
+        sampler: ResumableSampler, step_fn: StepFn, logger: logging.Logger,
+        picture_fn: PictureFn | None = None, start: dict | None = None) -> Path:
+    """Train to ``args.max_epoches``; return the path of the final weights (a plain state_dict,
+    loadable by the released code)."""
+    tb = TBWriter(args.tblog_dir, info)
+    meter = AverageMeter()
+    use_amp = bool(getattr(args, "amp", False)) and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    max_step = sampler.batches_per_epoch() * args.max_epoches
+    start = start or {"epoch": 0, "batch": 0}
+    start_epoch, start_batch = start["epoch"], start["batch"]
+    if start.get("scaler"):
+        scaler.load_state_dict(start["scaler"])
+    run_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    tic = time.time()
+
+    def save(epoch: int, batch: int) -> None:
+        if info.is_main:
+            save_checkpoint(checkpoint_path(args), model=unwrap(model), optimizer=optimizer, epoch=epoch,
+                            step=optimizer.global_step, args=run_args,
+                            extra={"batch": batch, "scaler": scaler.state_dict()})
+
+    model.train()
+    with StopSignal() as stop:
+        for epoch in range(start_epoch, args.max_epoches):
+            sampler.set_epoch(epoch)
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(epoch)
+            first = start_batch if epoch == start_epoch else 0
+            sampler.set_start_batch(first)
+            bar = progress(loader, info, desc=f"epoch {epoch + 1}/{args.max_epoches}",
+                           total=sampler.batches_per_epoch() - first)
+            for batch, pack in enumerate(bar, start=first):
+                autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp
+                            else contextlib.nullcontext())
+                with autocast:
+                    losses, outputs = step_fn(model, pack)
+                check_finite(losses, optimizer.global_step)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                meter.add({k: v.item() for k, v in losses.items()})
+                step = optimizer.global_step
+                if step % args.log_every == 1 or args.log_every == 1:
+                    avg = meter.pop()
+                    lr = optimizer.param_groups[0]["lr"]
+                    logger.info("step %d/%d epoch %d %s lr %.5f %.1f img/s", step, max_step, epoch + 1,
+                                " ".join(f"{k} {v:.4f}" for k, v in avg.items()), lr,
+                                step * args.batch_size / max(time.time() - tic, 1e-6))
+                    tb.scalars(avg, step, prefix="loss/")
+                    tb.scalar("lr", lr, step)
+                if picture_fn is not None and info.is_main and step % args.tb_image_every == 1:
+                    tb.image("cam", picture_fn(pack, outputs), step)
+                if _stop_everywhere(stop, info):
+                    save(epoch, batch + 1)
+                    logger.warning("stopped by signal at step %d; resume with --resume", step)
+                    tb.close()
+                    raise SystemExit(stop.exit_code or 143)
+            save(epoch + 1, 0)
+    tb.close()
+    final = final_weights_path(args)
+    if info.is_main:
+        with atomic_path(final) as tmp:
+            torch.save(unwrap(model).state_dict(), tmp)
+        logger.info("saved %s", final)
+    return final

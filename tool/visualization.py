@@ -1,0 +1,133 @@
+"""Pictures of CAMs and masks: TensorBoard images, the demo's figure and a command that overlays
+CAMs and predictions on images.
+
+    python -m tool.visualization --voc12_root VOC2012 --list voc12/val.txt --cam_dir out_cam \
+        --pred_dir out_rw --out vis --max_images 8
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tool.fileio import InputError, load_label_png, load_scores, voc_palette
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def colorize_label(label: np.ndarray) -> np.ndarray:
+    """A label map in the VOC palette, ``(H, W, 3)`` uint8."""
+    return voc_palette()[np.asarray(label, dtype=np.uint8)]
+
+
+def heatmap(score: np.ndarray) -> np.ndarray:
+    """A [0, 1] map as a blue-to-red jet-like colour image, ``(H, W, 3)`` uint8."""
+    s = np.clip(score, 0, 1)[..., None]
+    rgb = np.concatenate([np.clip(1.5 - np.abs(4 * s - 3), 0, 1), np.clip(1.5 - np.abs(4 * s - 2), 0, 1),
+                          np.clip(1.5 - np.abs(4 * s - 1), 0, 1)], axis=-1)
+    return (255 * rgb).astype(np.uint8)
+
+
+def blend(img: np.ndarray, overlay: np.ndarray, weight: float = 0.5) -> np.ndarray:
+    return ((1 - weight) * img.astype(np.float32) + weight * overlay.astype(np.float32)).astype(np.uint8)
+
+
+def denormalize_image(img: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A normalised CHW image back to uint8 HWC RGB."""
+    arr = img.detach().cpu().float().numpy() if isinstance(img, torch.Tensor) else np.asarray(img, np.float32)
+    arr = arr.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(arr * 255, 0, 255).astype(np.uint8)
+
+
+def cam_picture(img: torch.Tensor, cam: torch.Tensor, label: torch.Tensor) -> np.ndarray:
+    """TensorBoard picture of one training image: the image beside the max over its present
+    classes of the max-normalised CAM, ``(H, 2W, 3)`` uint8."""
+    rgb = denormalize_image(img)
+    present = torch.nonzero(label > 0).flatten() + 1
+    cam = torch.relu(cam.float())
+    if present.numel():
+        cam = cam[present] / (cam[present].flatten(1).max(1)[0].view(-1, 1, 1) + 1e-5)
+        score = cam.max(0)[0].cpu().numpy()
+    else:
+        score = np.zeros(cam.shape[1:], np.float32)
+    score = np.asarray(Image.fromarray(score).resize(rgb.shape[1::-1], Image.BILINEAR))
+    return np.concatenate([rgb, blend(rgb, heatmap(score))], axis=1)
+
+
+def cam_max_score(cam_file: Path, size: tuple[int, int], allow_pickle: bool = False) -> np.ndarray:
+    labels, scores = load_scores(cam_file, allow_pickle=allow_pickle, released_cam=True)
+    return scores.max(0) if labels.size else np.zeros(size, np.float32)
+
+
+def figure_row(img: np.ndarray, panels: list[np.ndarray]) -> np.ndarray:
+    """One image and its panels (each ``(H, W, 3)``) side by side with a white gap."""
+    gap = np.full((img.shape[0], 4, 3), 255, np.uint8)
+    parts = [img]
+    for p in panels:
+        parts += [gap, p]
+    return np.concatenate(parts, axis=1)
+
+
+def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of different widths/heights stacked on a white canvas."""
+    width = max(r.shape[1] for r in rows)
+    gap = np.full((4, width, 3), 255, np.uint8)
+    out = []
+    for r in rows:
+        pad = np.full((r.shape[0], width - r.shape[1], 3), 255, np.uint8)
+        out += [np.concatenate([r, pad], axis=1), gap]
+    return np.concatenate(out[:-1], axis=0)
+
+
+def run(args: argparse.Namespace) -> Path:
+    root = Path(args.voc12_root)
+    names = [line.split()[0].split("/")[-1].rsplit(".", 1)[0] if "/" in line else line.split()[0]
+             for line in Path(args.list).read_text().splitlines() if line.strip()][: args.max_images]
+    if not names:
+        raise InputError(f"no image names in {args.list}")
+    rows = []
+    for name in names:
+        img_path = root / "JPEGImages" / f"{name}.jpg"
+        if not img_path.is_file():
+            raise InputError(f"image not found: {img_path}")
+        img = np.asarray(Image.open(img_path).convert("RGB"))
+        panels = []
+        if args.gt_dir:
+            panels.append(colorize_label(load_label_png(Path(args.gt_dir) / f"{name}.png")))
+        if args.cam_dir:
+            cam_file = Path(args.cam_dir) / f"{name}.npz"
+            panels.append(blend(img, heatmap(cam_max_score(cam_file, img.shape[:2], args.allow_pickle))))
+        for pred_dir in args.pred_dir or []:
+            panels.append(blend(img, colorize_label(load_label_png(Path(pred_dir) / f"{name}.png")), 0.6))
+        rows.append(figure_row(img, panels))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(stack_rows(rows)).save(out)
+    return out
+
+
+def get_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--voc12_root", required=True)
+    parser.add_argument("--list", required=True)
+    parser.add_argument("--gt_dir", default=None, help="ground-truth PNGs (first panel)")
+    parser.add_argument("--cam_dir", default=None, help="CAM score files: max over classes as a heat map")
+    parser.add_argument("--pred_dir", default=None, nargs="+", help="prediction PNG folders, one panel each")
+    parser.add_argument("--out", default="vis.png")
+    parser.add_argument("--max_images", default=8, type=int)
+    parser.add_argument("--allow_pickle", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tool.cli import run_main
+
+    run_main(run, get_arg_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""SB step: train the ResNet-38 classifier with SEAM's equivariance losses, the semantic boundary
+branch and the boundary-aware smoothness loss.
+
+    python train_SB.py --voc12_root VOC2012 --weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params \
+        --session_name resnet38_SB
+
+Both boundary weights at 0 give the SEAM baseline, which needs no boundary maps.
+Launch with ``torchrun --nproc_per_node N train_SB.py ...`` for DistributedDataParallel.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from network import resnet38_sb
+from network.resnet38d import load_weights
+from tool.cli import add_data_args, add_model_args, add_sb_model_args, add_train_args, run_main
+from tool.distributed import cleanup, init_distributed, wrap_model
+from tool.logutils import setup_logging
+from tool.losses import sb_step_loss
+from tool.torchutils import PolyOptimizer
+from tool.trainloop import fit, make_train_loader, poly_param_groups, resume_state
+from tool.visualization import cam_picture
+from voc12.classes import load_classes
+from voc12.data import VOC12ClsDataset, default_label_file
+
+VIEW2_SCALE = 0.3
+
+
+def get_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
+    add_model_args(parser, weights_required=False)
+    add_sb_model_args(parser)
+    add_train_args(parser, session_name="resnet38_SEAM", max_epoches=100)
+    g = parser.add_argument_group("SB method")
+    g.add_argument("--sb_map_dir", default=None, type=str, help="boundary maps (default: VOC12_ROOT/sb_map)")
+    g.add_argument("--boundary_weight", default=0.01, type=float, help="weight of the boundary BCE")
+    g.add_argument("--smooth_weight", default=1.0, type=float, help="weight of the smoothness loss")
+    g.add_argument("--resize_long", default=(448, 768), type=int, nargs=2, metavar=("MIN", "MAX"),
+                   help="random resize of the long side before cropping")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path:
+    info = init_distributed(args.device)
+    logger = setup_logging(args.session_name + ".log", info)
+    logger.info("%s", vars(args))
+    torch.manual_seed(args.seed)
+    classes = load_classes(args.dataset_classes)
+    use_sb_maps = args.boundary_weight > 0 or args.smooth_weight > 0
+
+    model = resnet38_sb.Net(num_classes=classes.num_classes, width=args.backbone_width,
+                            freeze_bn=not args.train_bn, canny_on_rgb=args.canny_on_rgb)
+    if args.weights:
+        load_weights(model, args.weights, strict=False)
+    dataset = VOC12ClsDataset(
+        args.train_list, args.voc12_root, args.label_file or default_label_file(args.train_list), classes,
+        crop_size=args.crop_size, resize_long=tuple(args.resize_long),
+        sb_map_dir=(args.sb_map_dir or str(Path(args.voc12_root) / "sb_map")) if use_sb_maps else None,
+        seed=args.seed)
+    sampler, loader = make_train_loader(dataset, args, info)
+    max_step = sampler.batches_per_epoch() * args.max_epoches
+    optimizer = PolyOptimizer(poly_param_groups(model.get_parameter_groups(), args.lr, args.wt_dec),
+                              lr=args.lr, weight_decay=args.wt_dec, max_step=max_step, momentum=args.momentum)
+    start = resume_state(args, model, optimizer)
+    model = model.to(info.device)
+    if args.channels_last and info.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = wrap_model(model, info)
+
+    def step_fn(net: torch.nn.Module, pack: dict):
+        img1 = pack["img"].to(info.device, non_blocking=True)
+        img2 = F.interpolate(img1, scale_factor=VIEW2_SCALE, mode="bilinear", align_corners=True)
+        label = pack["label"].to(info.device, non_blocking=True)
+        sb_map = pack["sb_map"].to(info.device, non_blocking=True) if use_sb_maps else None
+        out1, out2 = net(img1), net(img2)
+        losses = sb_step_loss(out1, out2, label, sb_map, scale=VIEW2_SCALE,
+                              boundary_weight=args.boundary_weight, smooth_weight=args.smooth_weight)
+        return losses, out1
+
+    def picture_fn(pack: dict, out1) -> np.ndarray:
+        return cam_picture(pack["img"][0], out1[1][0].detach(), pack["label"][0])
+
+    try:
+        return fit(args=args, info=info, model=model, optimizer=optimizer, loader=loader, sampler=sampler,
+                   step_fn=step_fn, logger=logger, picture_fn=picture_fn, start=start)
+    finally:
+        cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(run, get_arg_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()
