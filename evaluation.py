@@ -131,9 +131,9 @@ def evaluate_confusions(predict_dir: str | Path, gt_dir: str | Path, names: Sequ
     if input_type == "npy" and not allow_pickle:
         raise InputError("--type npy reads pickled files; pass --allow_pickle if you trust them")
     if thresholds is not None:
-        thresholds = tuple(float(t) for t in thresholds)
-        if list(thresholds) != sorted(thresholds):
-            raise InputError("background thresholds must be sorted ascending")
+        thresholds = tuple(float(t) for t in thresholds) or None  # an empty list: no threshold
+    if thresholds and list(thresholds) != sorted(thresholds):
+        raise InputError("background thresholds must be sorted ascending")
     setup = EvalSetup(Path(predict_dir), Path(gt_dir), num_classes, input_type, thresholds, allow_pickle)
     count = functools.partial(count_chunk, setup)
     workers = min(num_workers, len(names))

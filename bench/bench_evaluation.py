@@ -101,7 +101,7 @@ def make_image(index: int, root: Path, with_cam: bool) -> None:
         labels = np.array([cls for cls, *_ in objects])
         scores = np.zeros((len(objects), h, w), np.float32)
         for k, (_, center, axes, angle) in enumerate(objects):
-            cv2.ellipse(scores[k], center, (axes[0] + 15, axes[1] + 15), angle, 0, 360, 0.5, -1)
+            cv2.ellipse(scores[k], center, (axes[0] + 15, axes[1] + 15), angle, 0, 360, 0.3, -1)
             cv2.ellipse(scores[k], center, axes, angle, 0, 360, 0.8, -1)
         scores = np.clip(cv2.GaussianBlur(scores.transpose(1, 2, 0), (0, 0), 9).reshape(h, w, -1), 0, 1)
         scores = np.ascontiguousarray(scores.transpose(2, 0, 1), dtype=np.float32)

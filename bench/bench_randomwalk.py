@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import benchutil
 import numpy as np
@@ -102,21 +102,30 @@ def speed(beta: float, logt: int) -> dict:
     }
 
 
+def rss_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def memory_probe(method: str, image_side: int, beta: float, logt: int) -> dict:
-    """Peak RSS growth of one walk on a square image (run in a fresh process). Memory does not
-    depend on the values, so the inputs are uniform noise made without temporaries."""
+    """Peak RSS growth of one walk on a square image (run in a fresh process, Linux). Memory does
+    not depend on the values, so the inputs are uniform noise made without temporaries."""
     size = feature_size((image_side, image_side))
     radius = effective_radius(5, size)
     rows, cols = source_window(radius, size)
     num_sources = (rows.stop - rows.start) * (cols.stop - cols.start)
     cam = torch.rand(21, *size)
     aff = torch.rand(len(search_offsets(radius)), num_sources)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before = rss_kib("VmRSS")
     if method == "ours":
         propagate(cam, aff, beta, logt)
     else:
         released_walk(cam, aff, beta, logt)
-    growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    growth_kib = rss_kib("VmHWM") - before
     area = size[0] * size[1]
     mib = 2 ** 20
     return {"method": method, "image": image_side, "positions": area,

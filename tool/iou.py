@@ -97,26 +97,32 @@ def curve_histogram(labels: np.ndarray, scores: np.ndarray, gt: np.ndarray, thre
     if labels.size and (labels.min() < 1 or labels.max() >= num_classes):
         raise InputError(f"CAM labels {labels.tolist()} are not foreground classes 1..{num_classes - 1}")
     num_bins = len(thresholds) + 1
-    valid = gt != ignore_index
-    gt_valid = gt[valid].astype(np.intp)
+    valid = gt.reshape(-1) != ignore_index
+    gt_valid = gt.reshape(-1)[valid].astype(np.intp)
     if gt_valid.size and gt_valid.max() >= num_classes:
         raise InputError(f"ground truth holds value {gt_valid.max()}; "
                          f"expected 0..{num_classes - 1} or {ignore_index}")
-    if labels.size:
-        # Ties go to the lowest class index, as an argmax over the dense class axis would.
-        order = np.argsort(labels, kind="stable")
-        valid_scores = scores[order][:, valid]
-        best_class = labels[order][valid_scores.argmax(axis=0)]
-        best_score = valid_scores.max(axis=0)
-        # Comparing in the scores' dtype matches the released float32 tensor holding t.
-        thresholds = np.asarray(thresholds, dtype=scores.dtype)
-        num_below = np.searchsorted(thresholds, best_score, side="left")
-    else:
-        best_class = np.zeros_like(gt_valid)
-        num_below = np.zeros_like(gt_valid)
-    index = (gt_valid * num_classes + best_class) * num_bins + num_below
+    best_class, best_score = best_of(labels, scores)
+    # Scores and t compared in float32, as in the released tensor that holds both.
+    num_below = np.searchsorted(np.asarray(thresholds, dtype=np.float32), best_score[valid], side="left")
+    index = (gt_valid * num_classes + best_class[valid]) * num_bins + num_below
     return np.bincount(index, minlength=num_classes * num_classes * num_bins).reshape(
         num_classes, num_classes, num_bins)
+
+
+def best_of(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, flattened: the label of the highest score (the lowest label on ties, as an
+    argmax over a dense class axis) and that score as float32; label 0 and score -inf where
+    there is no class."""
+    flat = np.asarray(scores, dtype=np.float32).reshape(len(labels), -1)
+    best_class = np.zeros(flat.shape[1], np.int64)
+    best_score = np.full(flat.shape[1], -np.inf, np.float32)
+    # One pass per class: on these (K, HW) maps much faster than argmax over axis 0.
+    for k in np.argsort(labels, kind="stable"):
+        higher = flat[k] > best_score
+        best_class[higher] = labels[k]
+        np.maximum(best_score, flat[k], out=best_score)
+    return best_class, best_score
 
 
 def curve_confusions(histogram: np.ndarray) -> np.ndarray:
