@@ -63,7 +63,7 @@ def multiscale_cam(model: torch.nn.Module, imgs: list[torch.Tensor], label: torc
     for i in range(0, len(imgs), 2):
         # A scale and its flip go through the network as one batch of two.
         batch = torch.stack([imgs[i], imgs[i + 1]]).to(device)
-        _, cam_rv, _ = model(batch)
+        _, cam_rv, _ = model(batch, with_edge=False)
         cam = F.interpolate(cam_rv[:, 1:], size, mode="bilinear", align_corners=False)
         total += cam[0] + cam[1].flip(-1)
     total = (total * label.to(device).view(-1, 1, 1)).cpu().numpy()

@@ -113,6 +113,9 @@ def normalize_cam_for_pcm(cam: torch.Tensor) -> torch.Tensor:
     return torch.cat([1 - fg_max, fg], dim=1)
 
 
+EDGE_CHANNELS = 32
+
+
 class Net(resnet38d.Net):
     """``forward(x) -> (cam, cam_rv, edge)``: raw CAM and PCM-refined CAM at the input size
     (bilinear, align_corners), boundary logits at conv1 resolution (= the input size)."""
@@ -134,9 +137,15 @@ class Net(resnet38d.Net):
         self.from_scratch_layers = [self.f8_3, self.f8_4, self.f9, self.fc8]
         self.not_training += [self.b2, self.b2_1, self.b2_2]
         self.fuse_canny_edge = nn.Conv2d(2 * num_classes, num_classes, 1, bias=False)
-        self.edge_layer = SemanticEdgeModule((c["conv1"], c["conv3"], c["conv5"], c["conv6"]), num_classes)
+        # The edge branch works at the input resolution: a narrow backbone gets a narrow branch
+        # too, or the branch would cost more than the whole backbone (width 1 keeps the released 32).
+        self.edge_layer = SemanticEdgeModule((c["conv1"], c["conv3"], c["conv5"], c["conv6"]), num_classes,
+                                             mid_channels=max(4, round(EDGE_CHANNELS * width)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, with_edge: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``with_edge=False`` skips the boundary branch (inference needs only the CAMs) and
+        returns ``None`` for it."""
         size = x.shape[2:]
         d = self.forward_as_dict(x)
         cam = self.fc8(self.dropout7(d["conv7"]))
@@ -150,6 +159,8 @@ class Net(resnet38d.Net):
         cam_rv = F.interpolate(self.pcm(cam_norm, features), size, mode="bilinear", align_corners=True)
         cam = F.interpolate(cam, size, mode="bilinear", align_corners=True)
 
+        if not with_edge:
+            return cam, cam_rv, None
         edge = self.edge_layer(d["conv1"], d["conv3"], d["conv5"], d["conv6"])
         canny = canny_edges(x, self.canny_on_rgb).expand(-1, edge.shape[1], -1, -1)
         edge = self.fuse_canny_edge(torch.cat([edge, canny], dim=1))

@@ -123,3 +123,16 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     total = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
     dist.all_reduce(total)
     return total.item() / info.world_size
+
+
+def ranks_agree(model: nn.Module, info: DistInfo) -> bool:
+    """True when every rank holds bit-identical parameters (compared by float64 checksums; every
+    rank must call it). Buffers are left out: DDP does not sync BatchNorm statistics here."""
+    if not info.distributed:
+        return True
+    sums = torch.stack([p.detach().double().sum() for p in unwrap(model).parameters()]).to(info.device)
+    reference = sums.clone()
+    dist.broadcast(reference, src=0)
+    agree = torch.tensor([1.0 if torch.equal(sums, reference) else 0.0], device=info.device)
+    dist.all_reduce(agree, op=dist.ReduceOp.MIN)
+    return bool(agree.item() == 1.0)

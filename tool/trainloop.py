@@ -29,7 +29,7 @@ from tool.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tool.distributed import DistInfo, unwrap
+from tool.distributed import DistInfo, ranks_agree, unwrap
 from tool.fileio import InputError, atomic_path
 from tool.logutils import AverageMeter, TBWriter, progress
 
@@ -159,6 +159,10 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
                     raise SystemExit(stop.exit_code or 143)
             save(epoch + 1, 0)
     tb.close()
+    if info.distributed:
+        if not ranks_agree(model, info):
+            raise RuntimeError("the ranks ended with different weights")
+        logger.info("weights identical on all %d ranks", info.world_size)
     final = final_weights_path(args)
     if info.is_main:
         with atomic_path(final) as tmp:
