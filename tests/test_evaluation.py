@@ -166,6 +166,22 @@ def test_one_pass_curve_equals_per_threshold(dataset):
         np.testing.assert_array_equal(total[k], reference_confusion(preds, dataset["gt"], NUM_CLASSES))
 
 
+def test_cam_ties_and_empty_cams():
+    """Unsorted labels with equal scores: the lowest label wins, as in a dense argmax; a CAM with
+    no class is background everywhere; a score equal to t is background."""
+    gt = np.array([[3, 7, 0, 255]], np.uint8)
+    scores = np.array([[[0.5, 0.5, 0.2, 0.9]], [[0.5, 0.1, 0.2, 0.1]]], np.float32)
+    curve = cam_curve_confusions(np.array([7, 3]), scores, gt, [0.2, 0.5], NUM_CLASSES)
+    for k, t in enumerate((0.2, 0.5)):
+        pred = seam_cam_prediction(np.array([7, 3]), scores, t, NUM_CLASSES)
+        np.testing.assert_array_equal(curve[k], confusion_matrix(pred, gt, NUM_CLASSES))
+    assert curve[0][3, 3] == 1 and curve[0][7, 7] == 1 and curve[0][0, 0] == 1  # 0.2 == t: background
+    assert curve[1][3, 0] == 1 and curve[1][7, 0] == 1
+    no_class = np.zeros((0, 1, 4), np.float32)
+    empty = cam_curve_confusions(np.zeros(0, np.int64), no_class, gt, [0.0], NUM_CLASSES)
+    assert empty[0, :, 0].sum() == 3 and empty.sum() == 3
+
+
 def test_npz_crf_is_plain_argmax(dataset):
     root = dataset["root"]
     for t in (0.0, 0.9):  # the threshold does not touch files holding the background

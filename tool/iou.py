@@ -114,7 +114,8 @@ def best_of(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndar
     """Per pixel, flattened: the label of the highest score (the lowest label on ties, as an
     argmax over a dense class axis) and that score as float32; label 0 and score -inf where
     there is no class."""
-    flat = np.asarray(scores, dtype=np.float32).reshape(len(labels), -1)
+    num_labels, h, w = scores.shape
+    flat = np.asarray(scores, dtype=np.float32).reshape(num_labels, h * w)
     best_class = np.zeros(flat.shape[1], np.int64)
     best_score = np.full(flat.shape[1], -np.inf, np.float32)
     # One pass per class: on these (K, HW) maps much faster than argmax over axis 0.
