@@ -29,13 +29,13 @@ from tool.cli import run_main
 from tool.fileio import InputError, load_label_png
 from tool.visualization import blend, cam_max_score, colorize_label, figure_row, heatmap, stack_rows
 from voc12 import sb_map
+from voc12.classes import VOC
 from voc12.data import load_img_name_list
 
 # The demo's scale: sized so that the whole run takes about 10 minutes on 2 CPU cores.
 DEMO = {
-    "num_train": 240, "num_val": 60, "image_size": 112, "backbone_width": 0.125, "crop_size": 112,
-    "resize_long": (96, 160), "batch_size": 8, "lr": 0.02, "round1_epoches": 12, "sb_epoches": 20,
-    "aff_epoches": 6, "num_workers": 1,
+    "num_train": 240, "num_val": 60, "image_size": 112, "backbone_width": 0.125, "batch_size": 8, "lr": 0.02,
+    "round1_epoches": 12, "sb_epoches": 16, "aff_epoches": 6, "num_workers": 1,
 }
 
 
@@ -46,7 +46,9 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", default="demo_out")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dataset_classes", default=None, help="class list of a custom dataset")
-    parser.add_argument("--demo_classes", default=20, type=int, help="classes of the generated dataset")
+    parser.add_argument("--demo_classes", default=VOC.num_fg, type=int, help="classes of the generated dataset")
+    parser.add_argument("--demo_image_size", default=DEMO["image_size"], type=int,
+                        help="long side of the generated images (also the training crop)")
     parser.add_argument("--demo_scale", default=1.0, type=float,
                         help="multiplies the demo's image counts and epochs (tests use less)")
     parser.add_argument("--seed", default=0, type=int)
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
         n_train = max(16, int(DEMO["num_train"] * args.demo_scale))
         n_val = max(8, int(DEMO["num_val"] * args.demo_scale))
         root = out / "data"
-        make_demo_dataset(root, num_train=n_train, num_val=n_val, image_size=DEMO["image_size"],
+        make_demo_dataset(root, num_train=n_train, num_val=n_val, image_size=args.demo_image_size,
                           seed=args.seed, num_classes=args.demo_classes)
         classes_file = str(root / "classes.txt")
         lists = {"train": str(root / "train.txt"), "val": str(root / "val.txt")}
@@ -94,11 +96,11 @@ def run(args: argparse.Namespace) -> dict:
                                                                          "aff_epoches")}
         common += ["--backbone_width", str(DEMO["backbone_width"]), "--num_workers", str(DEMO["num_workers"])]
         train_common += ["--backbone_width", str(DEMO["backbone_width"]), "--num_workers",
-                         str(DEMO["num_workers"]), "--train_bn", "--crop_size", str(DEMO["crop_size"]),
+                         str(DEMO["num_workers"]), "--train_bn", "--crop_size", str(args.demo_image_size),
                          "--batch_size",
                          str(DEMO["batch_size"]), "--lr", str(DEMO["lr"]), "--seed", str(args.seed)]
         weights = []
-        sb_only = ["--resize_long", *map(str, DEMO["resize_long"])]
+        sb_only = ["--resize_long", str(args.demo_image_size * 6 // 7), str(args.demo_image_size * 10 // 7)]
     else:
         epochs = {"round1_epoches": 8, "sb_epoches": 8, "aff_epoches": 8}
         weights = ["--weights", args.weights] if args.weights else []
@@ -164,10 +166,10 @@ def evaluate_all(out: Path, root: Path, lists: dict[str, str], classes_file: str
 
 
 def print_table(results: dict) -> None:
-    print("\nmIoU (%)            train     val")
+    print(f"\n{'mIoU (%)':<22} train     val")
     for key, title in (("cam", "CAM (best threshold)"), ("crf_la", "CRF la (alpha 4)"),
                        ("crf_ha", "CRF ha (alpha 24)"), ("rw", "random walk")):
-        print(f"{title:<20}{results[key]['train']:>6.1f}  {results[key]['val']:>6.1f}")
+        print(f"{title:<22}{results[key]['train']:>6.1f}  {results[key]['val']:>6.1f}")
 
 
 def write_figure(out: Path, root: Path, val_list: str, count: int = 4) -> None:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from network.resnet38d import Normalize
 from tool import imutils
-from tool.affinity import extract_affinity_labels
+from tool.affinity import effective_radius, extract_affinity_labels
 from tool.fileio import InputError, atomic_path, load_scores
 from voc12.classes import IGNORE_INDEX, ClassList
 from voc12.sb_map import find_sb_map, load_sb_map
@@ -286,7 +286,8 @@ class VOC12AffDataset(VOC12ImageDataset):
         img, (la, ha) = imutils.random_crop(rng, self.crop_size, img, [la, ha])
         img, (la, ha) = imutils.random_hflip(rng, self.normalize(img), [la, ha])
         label = affinity_label(la_labels, imutils.block_mean(la, 8), ha_labels, imutils.block_mean(ha, 8))
-        bg, fg, neg = extract_affinity_labels(label, self.radius)
+        # Small crops fall back to a smaller radius, exactly as AffinityNet does on their features.
+        bg, fg, neg = extract_affinity_labels(label, effective_radius(self.radius, label.shape))
         return {"name": self.names[index], "img": torch.from_numpy(imutils.hwc_to_chw(img)),
                 "aff_bg": torch.from_numpy(bg), "aff_fg": torch.from_numpy(fg),
                 "aff_neg": torch.from_numpy(neg)}
