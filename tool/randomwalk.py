@@ -3,41 +3,56 @@
 The released code builds the dense ``(HW, HW)`` affinity matrix ``A`` (symmetric, ones on the
 diagonal, ``aff`` on every pair within the radius, zero elsewhere), raises it elementwise to
 ``beta``, normalises its columns (``T = A^beta D^-1``, ``D`` the column sums), squares ``T``
-``logt`` times and multiplies: ``cam_vec @ T^(2^logt)``. Here the same product is taken as
-``2^logt`` steps ``x <- (x @ A^beta) D^-1``, each a stencil over the pair offsets that costs
-O(HW * (2 * num_offsets + 1)) instead of O((HW)^3) per squaring and O(HW) memory instead of
-O((HW)^2). The two agree up to floating-point rounding.
+``logt`` times and multiplies: ``cam_vec @ T^(2^logt)``. Here ``A^beta`` is kept sparse (at most
+``2 * num_offsets + 1`` entries a row) and the same product is taken as ``2^logt`` steps
+``x <- (x @ A^beta) D^-1``: O(HW * (2 * num_offsets + 1)) work a step instead of O((HW)^3) a
+squaring, O(HW) memory instead of O((HW)^2). The two agree up to floating-point rounding.
 """
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 
-from tool.affinity import effective_radius, search_offsets, source_window
-
-Slice2d = tuple[slice, slice]
+from tool.affinity import effective_radius, get_indices_of_pairs, search_offsets, source_window
 
 
-def pair_slices(radius: int, size: tuple[int, int]) -> list[tuple[Slice2d, Slice2d]]:
-    """For each offset of :func:`tool.affinity.search_offsets`, the ``(rows, cols)`` slices of the
-    source positions and of their partners, in the layout of AffinityNet's output."""
-    rows, cols = source_window(radius, size)
-    height, width = rows.stop - rows.start, cols.stop - cols.start
-    return [((rows, cols), (slice(dy, dy + height), slice(cols.start + dx, cols.start + dx + width)))
-            for dy, dx in search_offsets(radius)]
+def sparse_layout(radius: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR structure of the symmetric pair matrix of a ``size`` map: ``(order, crow, col)``.
+
+    Its entries are, in this order, every pair ``(from, to)`` of AffinityNet's output, every pair
+    mirrored, and the diagonal; ``order`` sorts them by row and column, the layout CSR needs.
+    """
+    area = size[0] * size[1]
+    ind_from, ind_to = get_indices_of_pairs(radius, size)
+    ind_from = np.tile(ind_from, len(search_offsets(radius)))
+    diagonal = np.arange(area)
+    rows = np.concatenate([ind_from, ind_to, diagonal])
+    cols = np.concatenate([ind_to, ind_from, diagonal])
+    order = np.argsort(rows * area + cols, kind="stable")
+    crow = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=area))])
+    return order, crow, cols[order]
 
 
-def affinity_product(x: torch.Tensor, weights: torch.Tensor,
-                     slices: list[tuple[Slice2d, Slice2d]]) -> torch.Tensor:
-    """``x @ A`` for the symmetric pair matrix ``A`` with ones on the diagonal: ``x`` is
-    ``(C, h, w)``, ``weights`` ``(num_offsets, src_h, src_w)`` holds ``A`` at each pair."""
-    y = x.clone()
-    for weight, (src, dst) in zip(weights, slices, strict=True):
-        y[:, src[0], src[1]].addcmul_(weight, x[:, dst[0], dst[1]])
-        y[:, dst[0], dst[1]].addcmul_(weight, x[:, src[0], src[1]])
-    return y
+def transition_matrix(aff: torch.Tensor, beta: float, radius: int,
+                      size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A^beta as a sparse CSR matrix, 1 / its row sums)``; ``A`` is symmetric, so its row sums
+    are the released column sums."""
+    order, crow, col = sparse_layout(radius, size)
+    weights = aff.reshape(-1).pow(beta)
+    area = size[0] * size[1]
+    values = torch.cat([weights, weights, weights.new_ones(area)])[torch.from_numpy(order).to(aff.device)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        matrix = torch.sparse_csr_tensor(torch.from_numpy(crow).to(aff.device),
+                                         torch.from_numpy(col).to(aff.device), values, (area, area),
+                                         check_invariants=False)
+    return matrix, 1 / (matrix @ weights.new_ones(area, 1))
 
 
-def propagate(cam: torch.Tensor, aff: torch.Tensor, beta: float, logt: int, radius: int = 5) -> torch.Tensor:
+def propagate(cam: torch.Tensor, aff: torch.Tensor, beta: float, logt: int,
+              radius: int = 5) -> torch.Tensor:
     """Random walk of ``cam`` ``(C, h, w)``: ``cam_vec @ T^(2^logt)`` with the released transition
     matrix ``T = A^beta D^-1`` built from AffinityNet's ``aff`` ``(num_offsets, num_sources)``.
 
@@ -47,22 +62,21 @@ def propagate(cam: torch.Tensor, aff: torch.Tensor, beta: float, logt: int, radi
     """
     if cam.dim() != 3:
         raise ValueError(f"cam must be (C, h, w), got shape {tuple(cam.shape)}")
-    size = (cam.shape[1], cam.shape[2])
-    radius = effective_radius(radius, size)
+    num_channels, h, w = cam.shape
+    radius = effective_radius(radius, (h, w))
     num_offsets = len(search_offsets(radius))
     if num_offsets == 0:  # a map this small has no pairs: T is the identity
         if aff.numel():
-            raise ValueError(f"a {size} map has no pairs, but aff has shape {tuple(aff.shape)}")
+            raise ValueError(f"a {(h, w)} map has no pairs, but aff has shape {tuple(aff.shape)}")
         return cam.clone()
-    rows, cols = source_window(radius, size)
-    src_shape = (rows.stop - rows.start, cols.stop - cols.start)
-    if aff.shape != (num_offsets, src_shape[0] * src_shape[1]):
-        raise ValueError(f"aff of shape {tuple(aff.shape)} does not fit a {size} map with radius {radius}: "
-                         f"expected ({num_offsets}, {src_shape[0] * src_shape[1]})")
-    slices = pair_slices(radius, size)
-    weights = aff.to(cam).pow(beta).view(num_offsets, *src_shape)
-    inv_degree = 1 / affinity_product(torch.ones_like(cam[:1]), weights, slices)
-    x = cam
+    rows, cols = source_window(radius, (h, w))
+    num_sources = (rows.stop - rows.start) * (cols.stop - cols.start)
+    if aff.shape != (num_offsets, num_sources):
+        raise ValueError(f"aff of shape {tuple(aff.shape)} does not fit a {(h, w)} map with radius "
+                         f"{radius}: expected ({num_offsets}, {num_sources})")
+    matrix, inv_degree = transition_matrix(aff.to(cam), beta, radius, (h, w))
+    # x @ A = (A x^T)^T for the symmetric A: walk the columns of x^T.
+    x = cam.reshape(num_channels, h * w).T.contiguous()
     for _ in range(2 ** logt):
-        x = affinity_product(x, weights, slices).mul_(inv_degree)
-    return x
+        x = (matrix @ x).mul_(inv_degree)
+    return x.T.reshape(num_channels, h, w)
