@@ -154,18 +154,22 @@ def main() -> None:
         print(json.dumps(memory_probe(args.probe[0], int(args.probe[1]), args.beta, args.logt)))
         return
 
-    print(f"machine: {benchutil.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    r = speed(args.beta, args.logt)
-    (img_h, img_w), (pos_h, pos_w) = r["image"], r["positions"]
-    print(f"\nrandom walk at VOC size: image {img_w}x{img_h}, {pos_w}x{pos_h} positions, "
-          f"{r['channels']} channels, beta {r['beta']:g}, logt {r['logt']}")
-    print(f"  ours (stencil, 2^logt steps): {r['ours_s'] * 1000:8.1f} ms")
-    print(f"  released (dense matrix):      {r['dense_s'] * 1000:8.1f} ms")
-    print(f"  speed-up: {r['speedup']:.1f}x")
-    print(f"  same argmax: {r['same_argmax'] * 100:.3f}% of positions; "
-          f"max relative difference {r['max_rel_diff']:.2e}")
-    print(f"  against a float64 dense walk: ours {r['ours_vs_float64']:.2e}, "
-          f"released {r['dense_vs_float64']:.2e}")
+    print(f"machine: {benchutil.machine()}, torch {torch.__version__}")
+    default_threads = torch.get_num_threads()
+    for threads in sorted({default_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        r = speed(args.beta, args.logt)
+        (img_h, img_w), (pos_h, pos_w) = r["image"], r["positions"]
+        print(f"\nrandom walk at VOC size, {threads} torch thread(s): image {img_w}x{img_h}, {pos_w}x{pos_h} "
+              f"positions, {r['channels']} channels, beta {r['beta']:g}, logt {r['logt']}")
+        print(f"  ours (sparse CSR, 2^logt products): {r['ours_s'] * 1000:8.1f} ms")
+        print(f"  released (dense matrix squared):    {r['dense_s'] * 1000:8.1f} ms")
+        print(f"  speed-up: {r['speedup']:.1f}x")
+        print(f"  same argmax: {r['same_argmax'] * 100:.3f}% of positions; "
+              f"max relative difference {r['max_rel_diff']:.2e}")
+        print(f"  against a float64 dense walk: ours {r['ours_vs_float64']:.2e}, "
+              f"released {r['dense_vs_float64']:.2e}")
+    torch.set_num_threads(default_threads)
     if args.skip_memory:
         return
     print("\npeak RSS growth of one walk, a fresh process each (the released probe squares once: its memory"
