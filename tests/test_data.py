@@ -407,15 +407,17 @@ def test_aff_dataset(tree):
     root, names = tree
     la_dir, ha_dir = aff_tree(root, names)
     dataset = VOC12AffDataset(root / "list.txt", root, la_dir, ha_dir, crop_size=64, radius=5, seed=1)
-    num_sources = (64 // 8 - 4) * (64 // 8 - 8)
     item = dataset[2]  # 70x70 image, 64 crop: no padding, all background
     assert item["img"].shape == (3, 64, 64)
-    assert item["aff_bg"].shape == (len(search_offsets(5)), num_sources)
+    # An 8x8 label map is too small for radius 5: AffinityNet's fallback radius 3 (12 offsets),
+    # sources in rows 0..5 and columns 2..5.
+    assert item["aff_bg"].shape == (len(search_offsets(3)), 6 * 4)
     assert item["aff_bg"].all() and not item["aff_fg"].any() and not item["aff_neg"].any()
 
     padded = VOC12AffDataset(root / "list.txt", root, la_dir, ha_dir, crop_size=128, radius=5)
     for index in range(3):  # all images are smaller than 128: the padding is ignored
         item = padded[index]
+        assert item["aff_bg"].shape == (len(search_offsets(5)), (16 - 4) * (16 - 8))
         assert 0 < item["aff_bg"].sum() < item["aff_bg"].numel() and not item["aff_neg"].any()
     dataset.set_epoch(1)
     again = VOC12AffDataset(root / "list.txt", root, la_dir, ha_dir, crop_size=64, radius=5, seed=1)
