@@ -158,17 +158,19 @@ def main() -> None:
         print(f"\nPNG evaluation, {len(names)} predictions of {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}:")
         released_s, released = benchutil.best_time(
             lambda: released_do_python_eval(root / "png", root / "gt", names, num_classes), repeat=1)
-        ours_s, ours = benchutil.best_time(
-            lambda: evaluation.do_python_eval(root / "png", root / "gt", names, num_classes,
-                                              num_workers=workers), repeat=args.repeat)
-        decode_s, _ = benchutil.best_time(lambda: decode_all(root, names, workers), repeat=args.repeat)
-        decode1_s, _ = benchutil.best_time(lambda: decode_all(root, names, 1), repeat=1)
-        print(f"  released (8 processes, locked per-class counters): {released_s:7.2f} s")
-        print(f"  ours ({workers} processes, one joint histogram per image):     {ours_s:7.2f} s"
+        timed = benchutil.best_times({
+            "ours": lambda: evaluation.do_python_eval(root / "png", root / "gt", names, num_classes,
+                                                      num_workers=workers),
+            "decode": lambda: decode_all(root, names, workers),
+            "decode1": lambda: decode_all(root, names, 1),
+        }, repeat=args.repeat)
+        (ours_s, ours), (decode_s, _), (decode1_s, _) = timed["ours"], timed["decode"], timed["decode1"]
+        print(f"  {'released (8 processes, locked per-class counters)':<52}{released_s:7.2f} s")
+        print(f"  {f'ours ({workers} processes, one joint histogram per image)':<52}{ours_s:7.2f} s"
               f"   {released_s / ours_s:.1f}x faster")
-        print(f"  decoding the PNGs only, {workers} processes:             {decode_s:7.2f} s"
+        print(f"  {f'decoding the PNGs only, {workers} processes':<52}{decode_s:7.2f} s"
               f"   ours takes {ours_s / decode_s:.2f}x that")
-        print(f"  decoding the PNGs only, 1 process:                {decode1_s:7.2f} s")
+        print(f"  {'decoding the PNGs only, 1 process':<52}{decode1_s:7.2f} s")
         print(f"  mIoU: released {released['mIoU']:.6f}, ours {ours['mIoU']:.6f}; "
               f"largest difference over the 21 IoUs and mIoU: {max_difference(ours, released):.1e}")
 
@@ -185,8 +187,8 @@ def main() -> None:
 
         ours_curve_s, ours_curve = benchutil.best_time(our_curve, repeat=args.repeat)
         best = int(np.argmax(ours_curve))
-        print(f"  released (reload every file at each threshold):  {released_curve_s:7.2f} s")
-        print(f"  ours (one pass, cumulative histogram):           {ours_curve_s:7.2f} s"
+        print(f"  {'released (reload every file at each threshold)':<52}{released_curve_s:7.2f} s")
+        print(f"  {'ours (one pass, cumulative histogram)':<52}{ours_curve_s:7.2f} s"
               f"   {released_curve_s / ours_curve_s:.1f}x faster")
         difference = max(abs(a - b) for a, b in zip(ours_curve, released_curve, strict=True))
         print(f"  best t {thresholds[best]:.2f}: mIoU {ours_curve[best]:.4f}; "

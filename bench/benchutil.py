@@ -26,6 +26,18 @@ def best_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     return best, result
 
 
+def best_times(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, tuple[float, Any]]:
+    """:func:`best_time` of several callables, run in turn within each repetition so that a
+    change in the machine's load touches them all alike."""
+    best = {name: (float("inf"), None) for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            tic = time.perf_counter()
+            result = fn()
+            best[name] = (min(best[name][0], time.perf_counter() - tic), result)
+    return best
+
+
 def machine() -> str:
     """CPU model and core count, as ``lscpu`` reports them."""
     try:
