@@ -1,4 +1,4 @@
-"""Evaluate segmentation predictions or CAMs against ground-truth label PNGs (mIoU).
+r"""Evaluate segmentation predictions or CAMs against ground-truth label PNGs (mIoU).
 
     python evaluation.py --list VOC2012/ImageSets/Segmentation/train.txt --predict_dir out_rw \
         --gt_dir VOC2012/SegmentationClass --comment "rw train"
