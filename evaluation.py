@@ -235,7 +235,7 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--curve", default=False, nargs="?", const=True, type=str2bool,
                         help="evaluate CAMs at t = 0.00 .. 0.59 and report the best")
     parser.add_argument("--dataset_classes", default=None, type=str,
-                        help="class-list file of a custom dataset (default: the 20 VOC classes)")
+                        help="class-list file of a custom dataset (default: the VOC classes)")
     parser.add_argument("--num_workers", default=min(8, os.cpu_count() or 1), type=int,
                         help="processes reading the files")
     parser.add_argument("--allow_pickle", action="store_true",

@@ -172,7 +172,7 @@ def main() -> None:
               f"   ours takes {ours_s / decode_s:.2f}x that")
         print(f"  {'decoding the PNGs only, 1 process':<52}{decode1_s:7.2f} s")
         print(f"  mIoU: released {released['mIoU']:.6f}, ours {ours['mIoU']:.6f}; "
-              f"largest difference over the 21 IoUs and mIoU: {max_difference(ours, released):.1e}")
+              f"largest difference over the class IoUs and mIoU: {max_difference(ours, released):.1e}")
 
         print(f"\nCAM curve, 60 background thresholds over {len(cam_names)} CAMs:")
         thresholds = evaluation.CURVE_THRESHOLDS

@@ -22,6 +22,7 @@ import torch
 
 from tool.affinity import effective_radius, get_indices_of_pairs, search_offsets, source_window
 from tool.randomwalk import propagate
+from voc12.classes import VOC
 
 STRIDE = 8
 VOC_IMAGE = (375, 500)  # height, width of a typical VOC image
@@ -52,7 +53,7 @@ def released_walk(cam: torch.Tensor, aff: torch.Tensor, beta: float, logt: int,
     return (cam.reshape(num_channels, -1) @ trans_mat).reshape(num_channels, h, w)
 
 
-def synthetic_inputs(size: tuple[int, int], num_classes: int = 21, seed: int = 0,
+def synthetic_inputs(size: tuple[int, int], num_classes: int = VOC.num_classes, seed: int = 0,
                      radius: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cam (C, h, w), aff (num_offsets, num_sources))``: three elliptic objects on background,
     AffinityNet-style affinities exp(-mean |f_i - f_j|) of noisy region features, and CAMs that
@@ -117,7 +118,7 @@ def memory_probe(method: str, image_side: int, beta: float, logt: int) -> dict:
     radius = effective_radius(5, size)
     rows, cols = source_window(radius, size)
     num_sources = (rows.stop - rows.start) * (cols.stop - cols.start)
-    cam = torch.rand(21, *size)
+    cam = torch.rand(VOC.num_classes, *size)
     aff = torch.rand(len(search_offsets(radius)), num_sources)
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
     before = rss_kib("VmRSS")

@@ -279,7 +279,7 @@ def bad_input_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
     ok = write_pair(tmp_path / "ok", good, good)
     size = write_pair(tmp_path / "size", good, np.zeros((10, 13), np.uint8))
     bad_gt = write_pair(tmp_path / "bad_gt", np.full((10, 12), 30, np.uint8), good)
-    bad_pred = write_pair(tmp_path / "bad_pred", good, np.full((10, 12), 21, np.uint8))
+    bad_pred = write_pair(tmp_path / "bad_pred", good, np.full((10, 12), NUM_CLASSES, np.uint8))
     missing = write_pair(tmp_path / "missing", good, good)
     (missing / "list.txt").write_text("a\nb\n")
     save_label_png(missing / "gt" / "b.png", good)
@@ -307,21 +307,30 @@ def bad_input_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
         "missing ground truth": (args(no_gt), "ground truth not found"),
         "size": (args(size), "does not match ground truth"),
         "bad gt value": (args(bad_gt), "ground truth holds value 30"),
-        "bad prediction value": (args(bad_pred), "prediction holds value 21"),
+        "bad prediction value": (args(bad_pred), f"prediction holds value {NUM_CLASSES}"),
         "pickle refused": (args(ok, pred=tmp_path / "npy", type="npy", t="0.2"), "allow_pickle"),
         "cam without t": (args(ok, pred=cam, type="npz"), "pass --t or --curve"),
         "bad class file": (args(ok, dataset_classes=tmp_path / "nope.txt"), "class list file not found"),
     }
 
 
-def test_cli_bad_inputs_fail_in_one_line(tmp_path):
+def test_bad_inputs_fail_in_one_line(tmp_path, capsys):
+    """Every user mistake: exit 2 and one ``error:`` line, no traceback, nothing logged."""
     for case, (args, message) in bad_input_cases(tmp_path).items():
-        result = run_cli(*args, "--logfile", tmp_path / "log.txt", "--comment", "bad")
-        assert result.returncode == 2, (case, result.stdout, result.stderr)
-        assert "Traceback" not in result.stderr, case
-        lines = result.stderr.strip().splitlines()
+        with pytest.raises(SystemExit) as exit_info:
+            evaluation.main([*map(str, args), "--logfile", str(tmp_path / "log.txt"), "--comment", "bad",
+                             "--num_workers", "1"])
+        assert exit_info.value.code == 2, case
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (case, lines)
     assert not (tmp_path / "log.txt").exists()
+
+
+def test_cli_bad_input_as_a_process(tmp_path):
+    args, message = bad_input_cases(tmp_path)["bad gt value"]
+    result = run_cli(*args, "--logfile", tmp_path / "log.txt", "--comment", "bad")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
 
 
 def test_curve_flag_parses_booleans():
