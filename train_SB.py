@@ -31,6 +31,20 @@ from voc12.data import VOC12ClsDataset, default_label_file
 VIEW2_SCALE = 0.3
 
 
+class TwoViews(torch.nn.Module):
+    """The image and its 0.3x copy through the same network in one call, so that
+    DistributedDataParallel sees one forward per backward."""
+
+    def __init__(self, net: torch.nn.Module, scale: float = VIEW2_SCALE) -> None:
+        super().__init__()
+        self.net = net
+        self.scale = scale
+
+    def forward(self, img1: torch.Tensor) -> tuple[tuple, tuple]:
+        img2 = F.interpolate(img1, scale_factor=self.scale, mode="bilinear", align_corners=True)
+        return self.net(img1), self.net(img2)
+
+
 def get_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
@@ -68,17 +82,16 @@ def run(args: argparse.Namespace) -> Path:
     optimizer = PolyOptimizer(poly_param_groups(model.get_parameter_groups(), args.lr, args.wt_dec),
                               lr=args.lr, weight_decay=args.wt_dec, max_step=max_step, momentum=args.momentum)
     start = resume_state(args, model, optimizer)
+    model.train()  # freezes layers: DistributedDataParallel must see their requires_grad=False
     model = model.to(info.device)
     if args.channels_last and info.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    model = wrap_model(model, info)
+    views = wrap_model(TwoViews(model), info)
 
-    def step_fn(net: torch.nn.Module, pack: dict):
-        img1 = pack["img"].to(info.device, non_blocking=True)
-        img2 = F.interpolate(img1, scale_factor=VIEW2_SCALE, mode="bilinear", align_corners=True)
+    def step_fn(two_views: torch.nn.Module, pack: dict):
         label = pack["label"].to(info.device, non_blocking=True)
         sb_map = pack["sb_map"].to(info.device, non_blocking=True) if use_sb_maps else None
-        out1, out2 = net(img1), net(img2)
+        out1, out2 = two_views(pack["img"].to(info.device, non_blocking=True))
         losses = sb_step_loss(out1, out2, label, sb_map, scale=VIEW2_SCALE,
                               boundary_weight=args.boundary_weight, smooth_weight=args.smooth_weight)
         return losses, out1
@@ -87,8 +100,8 @@ def run(args: argparse.Namespace) -> Path:
         return cam_picture(pack["img"][0], out1[1][0].detach(), pack["label"][0])
 
     try:
-        return fit(args=args, info=info, model=model, optimizer=optimizer, loader=loader, sampler=sampler,
-                   step_fn=step_fn, logger=logger, picture_fn=picture_fn, start=start)
+        return fit(args=args, info=info, model=views, optimizer=optimizer, loader=loader, sampler=sampler,
+                   step_fn=step_fn, logger=logger, picture_fn=picture_fn, start=start, net=model)
     finally:
         cleanup()
 

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> Path:
     optimizer = PolyOptimizer(poly_param_groups(model.get_parameter_groups(), args.lr, args.wt_dec),
                               lr=args.lr, weight_decay=args.wt_dec, max_step=max_step, momentum=args.momentum)
     start = resume_state(args, model, optimizer)
+    model.train()  # freezes layers: DistributedDataParallel must see their requires_grad=False
     model = wrap_model(model.to(info.device), info)
 
     def step_fn(net: torch.nn.Module, pack: dict):

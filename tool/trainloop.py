@@ -99,9 +99,12 @@ def resume_state(args: argparse.Namespace, model: torch.nn.Module,
 def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
         optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
         sampler: ResumableSampler, step_fn: StepFn, logger: logging.Logger,
-        picture_fn: PictureFn | None = None, start: dict | None = None) -> Path:
+        picture_fn: PictureFn | None = None, start: dict | None = None,
+        net: torch.nn.Module | None = None) -> Path:
     """Train to ``args.max_epoches``; return the path of the final weights (a plain state_dict,
-    loadable by the released code)."""
+    loadable by the released code). ``model`` is what ``step_fn`` calls (possibly wrapped for
+    DDP); ``net`` the network whose weights are saved (default: ``model`` unwrapped)."""
+    net = net if net is not None else unwrap(model)
     tb = TBWriter(args.tblog_dir, info)
     meter = AverageMeter()
     use_amp = bool(getattr(args, "amp", False)) and info.device.type == "cuda"
@@ -116,7 +119,7 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
 
     def save(epoch: int, batch: int) -> None:
         if info.is_main:
-            save_checkpoint(checkpoint_path(args), model=unwrap(model), optimizer=optimizer, epoch=epoch,
+            save_checkpoint(checkpoint_path(args), model=net, optimizer=optimizer, epoch=epoch,
                             step=optimizer.global_step, args=run_args,
                             extra={"batch": batch, "scaler": scaler.state_dict()})
 
@@ -160,12 +163,12 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
             save(epoch + 1, 0)
     tb.close()
     if info.distributed:
-        if not ranks_agree(model, info):
+        if not ranks_agree(net, info):
             raise RuntimeError("the ranks ended with different weights")
         logger.info("weights identical on all %d ranks", info.world_size)
     final = final_weights_path(args)
     if info.is_main:
         with atomic_path(final) as tmp:
-            torch.save(unwrap(model).state_dict(), tmp)
+            torch.save(net.state_dict(), tmp)
         logger.info("saved %s", final)
     return final
