@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tool.cli import run_main, str2bool
-from tool.fileio import InputError, atomic_path, load_label_png, load_scores
+from tool.fileio import InputError, atomic_path, load_img_name_list, load_label_png, load_scores
 from tool.iou import (
     confusion_from_joint,
     curve_confusions,
@@ -49,18 +49,6 @@ class EvalSetup:
     input_type: str
     thresholds: tuple[float, ...] | None
     allow_pickle: bool
-
-
-def read_name_list(path: str | Path) -> list[str]:
-    """Image names of a list file: the first column, as a bare name (``2007_000032``) or a path
-    (``/JPEGImages/2007_000032.jpg``) whose stem is the name."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image list not found: {path}")
-    names = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        raise InputError(f"image list is empty: {path}")
-    return names
 
 
 def _prediction(setup: EvalSetup, name: str, gt: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -252,7 +240,7 @@ def run(args: argparse.Namespace) -> dict:
         classes = load_classes(args.dataset_classes)
     except ValueError as e:
         raise InputError(str(e)) from None
-    names = read_name_list(args.list)
+    names = load_img_name_list(args.list)
     class_names = classes.all_names
     thresholds = CURVE_THRESHOLDS if args.curve else None if args.t is None else (args.t,)
     confs = evaluate_confusions(args.predict_dir, args.gt_dir, names, classes.num_classes, args.type,

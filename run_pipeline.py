@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 import evaluation
@@ -26,15 +25,15 @@ import infer_SB
 import train_aff
 import train_SB
 from tool.cli import run_main
-from tool.fileio import InputError, load_label_png
+from tool.fileio import InputError, load_img_name_list, load_label_png
 from tool.visualization import blend, cam_max_score, colorize_label, figure_row, heatmap, stack_rows
 from voc12 import sb_map
-from voc12.classes import VOC
-from voc12.data import load_img_name_list
+from voc12.data import read_image
 
 # The demo's scale: sized so that the whole run takes about 10 minutes on 2 CPU cores.
 DEMO = {
-    "num_train": 240, "num_val": 60, "image_size": 112, "backbone_width": 0.125, "batch_size": 8, "lr": 0.02,
+    "num_train": 240, "num_val": 60, "image_size": 112, "backbone_width": 0.125, "batch_size": 8, "lr": 0.01,
+    "momentum": 0.9, "num_classes": 5,
     "round1_epoches": 12, "sb_epoches": 16, "aff_epoches": 6, "num_workers": 1,
 }
 
@@ -46,7 +45,8 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", default="demo_out")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dataset_classes", default=None, help="class list of a custom dataset")
-    parser.add_argument("--demo_classes", default=VOC.num_fg, type=int, help="classes of the generated dataset")
+    parser.add_argument("--demo_classes", default=DEMO["num_classes"], type=int,
+                        help="object classes of the generated dataset")
     parser.add_argument("--demo_image_size", default=DEMO["image_size"], type=int,
                         help="long side of the generated images (also the training crop)")
     parser.add_argument("--demo_scale", default=1.0, type=float,
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> dict:
         train_common += ["--backbone_width", str(DEMO["backbone_width"]), "--num_workers",
                          str(DEMO["num_workers"]), "--train_bn", "--crop_size", str(args.demo_image_size),
                          "--batch_size",
-                         str(DEMO["batch_size"]), "--lr", str(DEMO["lr"]), "--seed", str(args.seed)]
+                         str(DEMO["batch_size"]), "--lr", str(DEMO["lr"]), "--momentum", str(DEMO["momentum"]),
+                         "--seed", str(args.seed)]
         weights = []
         sb_only = ["--resize_long", str(args.demo_image_size * 6 // 7), str(args.demo_image_size * 10 // 7)]
     else:
@@ -176,7 +177,7 @@ def write_figure(out: Path, root: Path, val_list: str, count: int = 4) -> None:
     """Image, ground truth, CAM and random-walk mask of a few val images."""
     rows = []
     for name in load_img_name_list(val_list)[:count]:
-        img = np.asarray(Image.open(root / "JPEGImages" / f"{name}.jpg").convert("RGB"))
+        img = read_image(root / "JPEGImages" / f"{name}.jpg")
         gt = colorize_label(load_label_png(root / "SegmentationClass" / f"{name}.png"))
         cam = blend(img, heatmap(cam_max_score(out / "cam_val" / f"{name}.npz", img.shape[:2])))
         rw = colorize_label(load_label_png(out / "rw_val" / f"{name}.png"))

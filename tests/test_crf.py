@@ -1,13 +1,11 @@
 """tool.crf on a real photo and on a synthetic two-region image."""
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 from skimage import data, transform
 
-from tool.crf import background_score, crf_inference, crf_pool_map, crf_with_alpha
+from tool.crf import background_score, crf_inference, crf_with_alpha
 
 
 @pytest.fixture(scope="module")
@@ -84,19 +82,3 @@ def test_shape_checks(coffee):
         crf_with_alpha(coffee, np.array([1, 2, 3]), probs, alpha=4)
     with pytest.raises(ValueError, match="foreground"):
         crf_with_alpha(coffee, np.array([0, 2]), probs, alpha=4)
-
-
-def test_pool_equals_serial():
-    jobs = [two_regions(seed)[0::2] for seed in range(4)]
-    run = functools.partial(crf_inference_job, t=5)
-    serial = list(crf_pool_map(run, jobs, processes=0))
-    pooled = list(crf_pool_map(run, jobs, processes=2))
-    assert len(pooled) == 4
-    for a, b in zip(serial, pooled, strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(serial[0], serial[1])
-
-
-def crf_inference_job(job: tuple[np.ndarray, np.ndarray], t: int) -> np.ndarray:
-    img, probs = job
-    return crf_inference(img, probs, t=t)

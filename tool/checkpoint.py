@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tool.distributed import unwrap
+from tool.errors import NonFiniteLoss
 from tool.fileio import InputError, atomic_path
 
 CHECKPOINT_FORMAT = "wsss-ckpt-1"
@@ -104,10 +105,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise InputError(f"{path} is not a training checkpoint of this project "
                          f"(no format {CHECKPOINT_FORMAT!r})")
     return content
-
-
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN or infinite; training stops and keeps the last good checkpoint."""
 
 
 def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:

@@ -12,8 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tool.checkpoint import NonFiniteLoss
-from tool.fileio import InputError
+from tool.errors import InputError, NonFiniteLoss
 
 
 def str2bool(value: str | bool) -> bool:

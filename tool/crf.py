@@ -1,16 +1,9 @@
-"""Dense CRF (pydensecrf) with the released parameters, and a process pool to run it on many images."""
+"""Dense CRF (pydensecrf) with the released parameters. infer_SB.py runs it in a process pool."""
 from __future__ import annotations
-
-import multiprocessing
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
-
-Job = TypeVar("Job")
-Result = TypeVar("Result")
 
 
 def crf_inference(img: np.ndarray, probs: np.ndarray, t: int = 10, scale_factor: float = 1,
@@ -56,13 +49,3 @@ def crf_with_alpha(img: np.ndarray, labels: np.ndarray, cam_scores: np.ndarray,
         raise ValueError(f"labels {labels.tolist()} must be foreground indices (> 0)")
     bg_cam = np.concatenate([background_score(cam_scores, alpha), cam_scores])
     return np.concatenate([[0], labels]), crf_inference(img, bg_cam, labels=bg_cam.shape[0])
-
-
-def crf_pool_map(fn: Callable[[Job], Result], jobs: Iterable[Job], processes: int) -> Iterator[Result]:
-    """``fn`` over ``jobs`` in ``processes`` worker processes, results in job order as they come
-    (inline for 0 or 1). ``fn`` must be picklable: a module-level function or a partial of one."""
-    if processes <= 1:
-        yield from map(fn, jobs)
-        return
-    with multiprocessing.get_context().Pool(processes) as pool:
-        yield from pool.imap(fn, jobs)

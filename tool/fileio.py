@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tool.errors import InputError
 
-class InputError(ValueError):
-    """A user mistake (bad path, bad file, bad value), reported as one line without traceback."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @contextlib.contextmanager
@@ -38,6 +38,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def load_img_name_list(path: str | Path) -> list[str]:
+    """Image names of a list file: the first word of each line, as a bare name (``2007_000032``)
+    or a path (``/JPEGImages/2007_000032.jpg``, the released format) without folder and extension."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image list not found: {path}")
+    names = [Path(line.split()[0]) for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise InputError(f"image list is empty: {path}")
+    return [p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name for p in names]
 
 
 def save_scores(path: str | Path, labels: np.ndarray, scores: np.ndarray) -> None:

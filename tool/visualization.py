@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tool.fileio import InputError, load_label_png, load_scores, voc_palette
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from network.resnet38d import IMAGENET_MEAN, IMAGENET_STD
+from tool.fileio import load_img_name_list, load_label_png, load_scores, voc_palette
+from voc12.data import read_image
 
 
 def colorize_label(label: np.ndarray) -> np.ndarray:
@@ -39,7 +38,7 @@ def blend(img: np.ndarray, overlay: np.ndarray, weight: float = 0.5) -> np.ndarr
 def denormalize_image(img: torch.Tensor | np.ndarray) -> np.ndarray:
     """A normalised CHW image back to uint8 HWC RGB."""
     arr = img.detach().cpu().float().numpy() if isinstance(img, torch.Tensor) else np.asarray(img, np.float32)
-    arr = arr.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    arr = arr.transpose(1, 2, 0) * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)
     return np.clip(arr * 255, 0, 255).astype(np.uint8)
 
 
@@ -85,16 +84,11 @@ def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> Path:
     root = Path(args.voc12_root)
-    names = [line.split()[0].split("/")[-1].rsplit(".", 1)[0] if "/" in line else line.split()[0]
-             for line in Path(args.list).read_text().splitlines() if line.strip()][: args.max_images]
-    if not names:
-        raise InputError(f"no image names in {args.list}")
+    names = load_img_name_list(args.list)[: args.max_images]
     rows = []
     for name in names:
         img_path = root / "JPEGImages" / f"{name}.jpg"
-        if not img_path.is_file():
-            raise InputError(f"image not found: {img_path}")
-        img = np.asarray(Image.open(img_path).convert("RGB"))
+        img = read_image(img_path)
         panels = []
         if args.gt_dir:
             panels.append(colorize_label(load_label_png(Path(args.gt_dir) / f"{name}.png")))

@@ -21,24 +21,14 @@ from torch.utils.data import Dataset
 from network.resnet38d import Normalize
 from tool import imutils
 from tool.affinity import effective_radius, extract_affinity_labels
-from tool.fileio import InputError, atomic_path, load_scores
+from tool.fileio import InputError, atomic_path, load_img_name_list, load_scores
 from voc12.classes import IGNORE_INDEX, ClassList
 from voc12.sb_map import find_sb_map, load_sb_map
 
 IMG_FOLDER_NAME = "JPEGImages"
 LABEL_FILE_NAME = "cls_labels.npz"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Pixels whose pooled CRF scores all fall below this are crop padding (the released threshold).
 NO_SCORE = 1e-5
-
-
-def load_img_name_list(path: str | Path) -> list[str]:
-    """Image names of a list file: the first word of each line, without folder and image extension."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image list not found: {path}")
-    names = [Path(line.split()[0]) for line in path.read_text().splitlines() if line.strip()]
-    return [p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name for p in names]
 
 
 def default_label_file(list_path: str | Path) -> str:

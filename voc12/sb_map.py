@@ -25,7 +25,7 @@ import scipy.io
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
 from tool.cli import run_main
-from tool.fileio import InputError, atomic_path, load_label_png, load_scores
+from tool.fileio import InputError, atomic_path, load_img_name_list, load_label_png, load_scores
 from voc12.classes import IGNORE_INDEX, load_classes
 
 SB_MAP_KEY = "sb_map"
@@ -175,7 +175,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> Path:
     """Write one boundary map per listed image; return the output folder."""
-    from voc12.data import load_img_name_list  # voc12.data imports this module
 
     if not Path(args.voc12_root).is_dir():
         raise InputError(f"VOC2012 folder not found: {args.voc12_root}")
