@@ -17,7 +17,6 @@ from evaluation import do_python_eval
 from tool.fileio import load_label_png, load_scores
 from voc12.classes import load_classes
 from voc12.data import load_img_name_list
-from voc12.demo import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = ["--backbone_width", "0.125"]
@@ -33,13 +32,6 @@ def run_script(script: str, *args, check: bool = True, timeout: int = 300, **kwa
         raise AssertionError(f"{script} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
-
-
-@pytest.fixture(scope="session")
-def tiny_voc(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny") / "VOC"
-    make_demo_dataset(root, num_train=12, num_val=6, image_size=64, seed=3)
-    return root
 
 
 def common_args(root: Path) -> list:

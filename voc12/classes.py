@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tool.errors import InputError
+
 BACKGROUND = "background"
 IGNORE_INDEX = 255
 
@@ -52,13 +54,13 @@ VOC = ClassList(VOC_CLASSES)
 def load_classes(path: str | Path | None = None) -> ClassList:
     """Read a class-list file; ``None`` gives VOC's 20 classes.
 
-    Raises ValueError with a one-line message for a missing, empty or inconsistent file.
+    Raises InputError (a ValueError) with a one-line message for a missing, empty or inconsistent file.
     """
     if path is None:
         return VOC
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"class list file not found: {path}")
+        raise InputError(f"class list file not found: {path}")
     names = []
     for raw in path.read_text(encoding="utf-8").splitlines():
         name = raw.split("#", 1)[0].strip()
@@ -67,11 +69,11 @@ def load_classes(path: str | Path | None = None) -> ClassList:
     if names and names[0] == BACKGROUND:
         names = names[1:]
     if not names:
-        raise ValueError(f"class list file names no class: {path}")
+        raise InputError(f"class list file names no class: {path}")
     if len(set(names)) != len(names):
-        raise ValueError(f"class list file names a class twice: {path}")
+        raise InputError(f"class list file names a class twice: {path}")
     if BACKGROUND in names:
-        raise ValueError(f"'{BACKGROUND}' may only be the first line of a class list file: {path}")
+        raise InputError(f"'{BACKGROUND}' may only be the first line of a class list file: {path}")
     if len(names) + 1 > IGNORE_INDEX:
-        raise ValueError(f"class list file names {len(names)} classes; at most {IGNORE_INDEX - 1} fit a PNG label")
+        raise InputError(f"class list file names {len(names)} classes; at most {IGNORE_INDEX - 1} fit a PNG label")
     return ClassList(tuple(names))
