@@ -22,8 +22,7 @@ from tool.cli import add_data_args, add_model_args, add_sb_model_args, add_train
 from tool.distributed import cleanup, init_distributed, wrap_model
 from tool.logutils import setup_logging
 from tool.losses import sb_step_loss
-from tool.torchutils import PolyOptimizer
-from tool.trainloop import fit, make_train_loader, poly_param_groups, resume_state
+from tool.trainloop import fit, make_poly_optimizer, make_train_loader, resume_state
 from tool.visualization import cam_picture
 from voc12.classes import load_classes
 from voc12.data import VOC12ClsDataset, default_label_file
@@ -71,16 +70,15 @@ def run(args: argparse.Namespace) -> Path:
     model = resnet38_sb.Net(num_classes=classes.num_classes, width=args.backbone_width,
                             freeze_bn=not args.train_bn, canny_on_rgb=args.canny_on_rgb)
     if args.weights:
-        load_weights(model, args.weights, strict=False)
+        kept = load_weights(model, args.weights, strict=False)
+        logger.info("initialised from %s; %d entries keep their own init", args.weights, len(kept))
     dataset = VOC12ClsDataset(
         args.train_list, args.voc12_root, args.label_file or default_label_file(args.train_list), classes,
         crop_size=args.crop_size, resize_long=tuple(args.resize_long),
         sb_map_dir=(args.sb_map_dir or str(Path(args.voc12_root) / "sb_map")) if use_sb_maps else None,
         seed=args.seed)
     sampler, loader = make_train_loader(dataset, args, info)
-    max_step = sampler.batches_per_epoch() * args.max_epoches
-    optimizer = PolyOptimizer(poly_param_groups(model.get_parameter_groups(), args.lr, args.wt_dec),
-                              lr=args.lr, weight_decay=args.wt_dec, max_step=max_step, momentum=args.momentum)
+    optimizer = make_poly_optimizer(model, args, sampler)
     start = resume_state(args, model, optimizer)
     model.train()  # freezes layers: DistributedDataParallel must see their requires_grad=False
     model = model.to(info.device)

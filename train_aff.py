@@ -18,8 +18,7 @@ from tool.cli import add_data_args, add_model_args, add_train_args, run_main
 from tool.distributed import cleanup, init_distributed, wrap_model
 from tool.logutils import setup_logging
 from tool.losses import affinity_loss
-from tool.torchutils import PolyOptimizer
-from tool.trainloop import fit, make_train_loader, poly_param_groups, resume_state
+from tool.trainloop import fit, make_poly_optimizer, make_train_loader, resume_state
 from voc12.data import VOC12AffDataset
 
 
@@ -42,14 +41,13 @@ def run(args: argparse.Namespace) -> Path:
 
     model = resnet38_aff.Net(width=args.backbone_width, freeze_bn=not args.train_bn, radius=args.radius)
     if args.weights:
-        load_weights(model, args.weights, strict=False)
+        kept = load_weights(model, args.weights, strict=False)
+        logger.info("initialised from %s; %d entries keep their own init", args.weights, len(kept))
     dataset = VOC12AffDataset(args.train_list, args.voc12_root, args.la_crf_dir, args.ha_crf_dir,
                               crop_size=args.crop_size, radius=args.radius, seed=args.seed,
                               allow_pickle=args.allow_pickle)
     sampler, loader = make_train_loader(dataset, args, info)
-    max_step = sampler.batches_per_epoch() * args.max_epoches
-    optimizer = PolyOptimizer(poly_param_groups(model.get_parameter_groups(), args.lr, args.wt_dec),
-                              lr=args.lr, weight_decay=args.wt_dec, max_step=max_step, momentum=args.momentum)
+    optimizer = make_poly_optimizer(model, args, sampler)
     start = resume_state(args, model, optimizer)
     model.train()  # freezes layers: DistributedDataParallel must see their requires_grad=False
     model = wrap_model(model.to(info.device), info)

@@ -132,6 +132,7 @@ class Net(nn.Module):
 
         self.not_training: list[nn.Module] = [self.conv1a]
         self.from_scratch_layers: list[nn.Module] = []
+        self.backbone_names = frozenset(self.state_dict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The final features conv7 (stride 8)."""
@@ -413,13 +414,15 @@ def _strip_prefix(name: str) -> str:
     return name
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool) -> None:
+def load_weights(model: nn.Module, path: str | Path, strict: bool) -> list[str]:
     """Load ImageNet MXNet weights (always non-strict: heads keep their init), one of our
-    checkpoints or a released state_dict into ``model``.
+    checkpoints or a released state_dict into ``model``; return the names left at their init.
 
-    Raises InputError (one line) for a missing file, a file sharing no parameter name with
-    ``model``, a shape mismatch (e.g. another backbone width) or, with ``strict``, missing or
-    unexpected parameters. A missing ``num_batches_tracked`` (older torch) is not an error.
+    Non-strict loading (a training start) also skips head parameters whose shape differs, so
+    that AffinityNet can start from an SB checkpoint's backbone. Raises InputError (one line)
+    for a missing file, a file sharing no parameter name with ``model``, a backbone shape
+    mismatch (e.g. another backbone width) or, with ``strict``, any mismatch, missing or
+    unexpected parameter. A missing ``num_batches_tracked`` (older torch) is not an error.
     """
     path = Path(path)
     if not path.is_file():
@@ -431,11 +434,14 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool) -> None:
         model_name = f"{type(model).__module__}.{type(model).__name__}"
         raise InputError(f"{path} shares no parameter name with {model_name}"
                          f" (first name in the file: {min(state) if state else 'none'})")
-    for name, target in own.items():
-        if name in state and state[name].shape != target.shape:
-            raise InputError(f"{path}: parameter {name} has shape {tuple(state[name].shape)} in the file but "
-                             f"{tuple(target.shape)} in the model (another --backbone_width?)")
     strict = strict and not mxnet
+    backbone = getattr(model, "backbone_names", frozenset(own))
+    mismatched = [name for name, target in own.items() if name in state and state[name].shape != target.shape]
+    for name in mismatched:
+        if strict or name in backbone:
+            raise InputError(f"{path}: parameter {name} has shape {tuple(state[name].shape)} in the file but "
+                             f"{tuple(own[name].shape)} in the model (another --backbone_width?)")
+    state = {k: v for k, v in state.items() if k not in mismatched}
     if strict:
         missing = [k for k in own.keys() - state.keys() if not k.endswith("num_batches_tracked")]
         unexpected = state.keys() - own.keys()
@@ -445,3 +451,4 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool) -> None:
             raise InputError(f"{path} does not match the model: {len(missing)} missing parameters"
                              f"{first_missing}, {len(unexpected)} unexpected{first_unexpected}")
     model.load_state_dict(state, strict=False)
+    return sorted(own.keys() - state.keys())

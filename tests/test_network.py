@@ -309,7 +309,7 @@ def test_load_weights_rejects_wrong_files(tmp_path):
     sb_checkpoint = tmp_path / "sb.pth"
     torch.save({"model": model.state_dict()}, sb_checkpoint)
     aff = resnet38_aff.Net(width=0.125)
-    assert_one_line_input_error(lambda: resnet38d.load_weights(aff, sb_checkpoint, strict=False),
+    assert_one_line_input_error(lambda: resnet38d.load_weights(aff, sb_checkpoint, strict=True),
                                 r"f9.weight has shape \(192, 195, 1, 1\) in the file but \(448, 448, 1, 1\)")
 
     backbone = resnet38d.Net(width=0.125)
@@ -346,3 +346,20 @@ def test_load_weights_refuses_a_crafted_pickle(tmp_path):
     assert_one_line_input_error(lambda: resnet38d.load_weights(model, path, strict=False),
                                 "not a plain weights file: it asks to unpickle io.open")
     assert not marker.exists()
+
+
+def test_affinitynet_starts_from_an_sb_checkpoint_backbone(tmp_path):
+    sb = resnet38_sb.Net(width=0.125)
+    path = tmp_path / "sb.pth"
+    torch.save(sb.state_dict(), path)
+    aff = resnet38_aff.Net(width=0.125)
+    kept = resnet38d.load_weights(aff, path, strict=False)
+    assert {"f8_5.weight", "f9.weight"} <= set(kept)  # f9 differs in shape, f8_5 is AffinityNet's own
+    assert not set(kept) & aff.backbone_names
+    for name in aff.backbone_names:
+        assert torch.equal(aff.state_dict()[name], sb.state_dict()[name]), name
+    assert torch.equal(aff.f8_3.weight, sb.f8_3.weight)  # same name and shape: loaded, as released
+    with pytest.raises(InputError, match="f9.weight"):
+        resnet38d.load_weights(resnet38_aff.Net(width=0.125), path, strict=True)
+    with pytest.raises(InputError, match="another --backbone_width"):
+        resnet38d.load_weights(resnet38_aff.Net(width=0.25), path, strict=False)

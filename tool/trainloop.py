@@ -32,6 +32,7 @@ from tool.checkpoint import (
 from tool.distributed import DistInfo, ranks_agree, unwrap
 from tool.fileio import InputError, atomic_path
 from tool.logutils import AverageMeter, TBWriter, progress
+from tool.torchutils import PolyOptimizer
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[dict[str, torch.Tensor], Any]]
 PictureFn = Callable[[dict, Any], np.ndarray]
@@ -45,14 +46,17 @@ def final_weights_path(args: argparse.Namespace) -> Path:
     return Path(args.session_name + ".pth")
 
 
-def poly_param_groups(groups: tuple[list, list, list, list], lr: float, wt_dec: float) -> list[dict]:
-    """The released learning-rate groups: pretrained x1/x2, from scratch x10/x20; no decay on biases."""
-    return [
+def make_poly_optimizer(net: torch.nn.Module, args: argparse.Namespace, sampler: ResumableSampler) -> PolyOptimizer:
+    """The released optimiser and learning-rate groups: pretrained x1/x2, from scratch x10/x20, no
+    decay on biases; the poly schedule spans ``args.max_epoches``."""
+    groups = net.get_parameter_groups()
+    lr, wt_dec = args.lr, args.wt_dec
+    return PolyOptimizer([
         {"params": groups[0], "lr": lr, "weight_decay": wt_dec},
         {"params": groups[1], "lr": 2 * lr, "weight_decay": 0},
         {"params": groups[2], "lr": 10 * lr, "weight_decay": wt_dec},
         {"params": groups[3], "lr": 20 * lr, "weight_decay": 0},
-    ]
+    ], lr=lr, weight_decay=wt_dec, max_step=sampler.batches_per_epoch() * args.max_epoches, momentum=args.momentum)
 
 
 def make_train_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
