@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from network.resnet38d import IMAGENET_MEAN, IMAGENET_STD
+from tool.cli import run_main
 from tool.fileio import load_img_name_list, load_label_png, load_scores, voc_palette
 from voc12.data import read_image
 
@@ -117,10 +118,8 @@ def get_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    from tool.cli import run_main
-
-    run_main(run, get_arg_parser(), argv)
+def main(argv: list[str] | None = None) -> Path:
+    return run_main(run, get_arg_parser(), argv)
 
 
 if __name__ == "__main__":
