@@ -34,7 +34,7 @@ from voc12.data import read_image
 DEMO = {
     "num_train": 240, "num_val": 60, "image_size": 112, "backbone_width": 0.125, "batch_size": 8, "lr": 0.01,
     "momentum": 0.9, "num_classes": 5,
-    "round1_epoches": 12, "sb_epoches": 16, "aff_epoches": 6, "num_workers": 1,
+    "round1_epoches": 30, "sb_epoches": 16, "aff_epoches": 8, "num_workers": 1,
 }
 
 
@@ -92,26 +92,27 @@ def run(args: argparse.Namespace) -> dict:
         common += ["--device", args.device]
     train_common = common + ["--tblog_dir", str(out / "tblog"), "--train_list", train_list]
     if demo:
-        epochs = {k: max(1, round(DEMO[k] * args.demo_scale)) for k in ("round1_epoches", "sb_epoches",
-                                                                         "aff_epoches")}
+        epochs = {k: ["--max_epoches", str(max(1, round(DEMO[k] * args.demo_scale)))]
+                  for k in ("round1_epoches", "sb_epoches", "aff_epoches")}
         common += ["--backbone_width", str(DEMO["backbone_width"]), "--num_workers", str(DEMO["num_workers"])]
         train_common += ["--backbone_width", str(DEMO["backbone_width"]), "--num_workers",
                          str(DEMO["num_workers"]), "--train_bn", "--crop_size", str(args.demo_image_size),
                          "--batch_size",
                          str(DEMO["batch_size"]), "--lr", str(DEMO["lr"]), "--momentum", str(DEMO["momentum"]),
                          "--seed", str(args.seed)]
+        # No ImageNet weights in the demo: the first round stands in for pretraining, so the SB
+        # step starts from it and AffinityNet from the SB step's backbone.
         weights = []
         sb_only = ["--resize_long", str(args.demo_image_size * 6 // 7), str(args.demo_image_size * 10 // 7)]
     else:
-        epochs = {"round1_epoches": 8, "sb_epoches": 8, "aff_epoches": 8}
+        epochs = {"round1_epoches": [], "sb_epoches": [], "aff_epoches": []}  # the scripts' defaults
         weights = ["--weights", args.weights] if args.weights else []
         sb_only = []
 
     # Round 1: the SEAM baseline; its CRF outputs give the pseudo-label boundary maps.
     r1 = str(out / "round1")
-    stage(train_SB, train_common + weights + sb_only + ["--session_name", r1, "--boundary_weight", "0",
-                                                        "--smooth_weight", "0",
-                                                        "--max_epoches", str(epochs["round1_epoches"])])
+    stage(train_SB, train_common + weights + sb_only + epochs["round1_epoches"]
+          + ["--session_name", r1, "--boundary_weight", "0", "--smooth_weight", "0"])
     stage(infer_SB, common + ["--weights", r1 + ".pth", "--infer_list", train_list,
                               "--out_crf", str(out / "round1_crf")])
     sb_dir = out / "sb_map"
@@ -121,17 +122,19 @@ def run(args: argparse.Namespace) -> dict:
 
     # The SB step, its CAMs and CRFs on train and val.
     sb = str(out / "sb")
-    stage(train_SB, train_common + weights + sb_only + ["--session_name", sb, "--sb_map_dir", str(sb_dir),
-                                              "--max_epoches", str(epochs["sb_epoches"])])
+    sb_init = ["--weights", r1 + ".pth"] if demo else weights
+    stage(train_SB, train_common + sb_init + sb_only + epochs["sb_epoches"]
+          + ["--session_name", sb, "--sb_map_dir", str(sb_dir)])
     for split, lst in lists.items():
         stage(infer_SB, common + ["--weights", sb + ".pth", "--infer_list", lst, "--out_cam",
                                   str(out / f"cam_{split}"), "--out_crf", str(out / f"crf_{split}")])
 
     # AffinityNet on the train CRFs, then the random walk.
     aff = str(out / "aff")
-    stage(train_aff, train_common + weights + ["--session_name", aff, "--max_epoches", str(epochs["aff_epoches"]),
-                                               "--la_crf_dir", str(out / "crf_train_4.0"),
-                                               "--ha_crf_dir", str(out / "crf_train_24.0")])
+    aff_init = ["--weights", sb + ".pth"] if demo else weights
+    stage(train_aff, train_common + aff_init + epochs["aff_epoches"]
+          + ["--session_name", aff, "--la_crf_dir", str(out / "crf_train_4.0"),
+             "--ha_crf_dir", str(out / "crf_train_24.0")])
     for split, lst in lists.items():
         stage(infer_aff, common + ["--weights", aff + ".pth", "--infer_list", lst, "--cam_dir",
                                    str(out / f"cam_{split}"), "--out_rw", str(out / f"rw_{split}")])
