@@ -57,3 +57,4 @@ def test_visualisation_command(tiny_voc, tmp_path):
         assert img.mode == "RGB"
         # four panels (image, gt, cam, prediction) side by side, three rows
         assert img.width >= 4 * 48 and img.height >= 3 * 48
+

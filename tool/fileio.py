@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from PIL import Image
 from tool.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# What np.load raises on a missing key, a truncated, corrupt or foreign .npy/.npz file.
+ARRAY_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -33,6 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
@@ -84,7 +94,7 @@ def load_scores(path: str | Path, allow_pickle: bool = False,
             return z["labels"].astype(np.int64), z["scores"].astype(np.float32)
     except FileNotFoundError:
         raise InputError(f"score file not found: {path}") from None
-    except (OSError, ValueError, KeyError) as e:
+    except ARRAY_READ_ERRORS as e:
         raise InputError(f"{path} is not a valid score file ({e.__class__.__name__}: {e})") from None
 
 

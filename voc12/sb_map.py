@@ -25,7 +25,7 @@ import scipy.io
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
 from tool.cli import run_main
-from tool.fileio import InputError, atomic_path, load_img_name_list, load_label_png, load_scores
+from tool.fileio import ARRAY_READ_ERRORS, InputError, atomic_path, load_img_name_list, load_label_png, load_scores
 from voc12.classes import IGNORE_INDEX, load_classes
 
 SB_MAP_KEY = "sb_map"
@@ -51,7 +51,7 @@ def load_sb_map(path: str | Path) -> np.ndarray:
                 sb_map = z[SB_MAP_KEY].astype(np.float32) / 255.0
     except FileNotFoundError:
         raise InputError(f"boundary map not found: {path}") from None
-    except (OSError, ValueError, KeyError) as e:
+    except ARRAY_READ_ERRORS as e:
         raise InputError(f"{path} is not a boundary map ({e.__class__.__name__}: {e})") from None
     if sb_map.ndim != 3:
         raise InputError(f"{path} holds an array of shape {sb_map.shape}, not (classes, H, W)")
