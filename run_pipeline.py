@@ -33,7 +33,7 @@ from voc12.data import read_image
 # The demo's scale: sized so that the whole run takes about 10 minutes on 2 CPU cores.
 DEMO = {
     "num_train": 240, "num_val": 60, "image_size": 112, "backbone_width": 0.125, "batch_size": 8, "lr": 0.01,
-    "momentum": 0.9, "num_classes": 5,
+    "momentum": 0.9, "num_classes": 5, "smooth_weight": 0.1,
     "round1_epoches": 30, "sb_epoches": 16, "aff_epoches": 8, "num_workers": 1,
 }
 
@@ -103,11 +103,14 @@ def run(args: argparse.Namespace) -> dict:
         # No ImageNet weights in the demo: the first round stands in for pretraining, so the SB
         # step starts from it and AffinityNet from the SB step's backbone.
         weights = []
+        # From random init the CAMs are large and the smoothness loss (weight 1 for ImageNet
+        # starts) flattens them; a tenth keeps its effect without the collapse.
         sb_only = ["--resize_long", str(args.demo_image_size * 6 // 7), str(args.demo_image_size * 10 // 7)]
+        sb_step = ["--smooth_weight", str(DEMO["smooth_weight"])]
     else:
         epochs = {"round1_epoches": [], "sb_epoches": [], "aff_epoches": []}  # the scripts' defaults
         weights = ["--weights", args.weights] if args.weights else []
-        sb_only = []
+        sb_only, sb_step = [], []
 
     # Round 1: the SEAM baseline; its CRF outputs give the pseudo-label boundary maps.
     r1 = str(out / "round1")
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
     # The SB step, its CAMs and CRFs on train and val.
     sb = str(out / "sb")
     sb_init = ["--weights", r1 + ".pth"] if demo else weights
-    stage(train_SB, train_common + sb_init + sb_only + epochs["sb_epoches"]
+    stage(train_SB, train_common + sb_init + sb_only + sb_step + epochs["sb_epoches"]
           + ["--session_name", sb, "--sb_map_dir", str(sb_dir)])
     for split, lst in lists.items():
         stage(infer_SB, common + ["--weights", sb + ".pth", "--infer_list", lst, "--out_cam",
