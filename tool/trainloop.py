@@ -111,7 +111,7 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
     net = net if net is not None else unwrap(model)
     tb = TBWriter(args.tblog_dir, info)
     meter = AverageMeter()
-    use_amp = bool(getattr(args, "amp", False)) and info.device.type == "cuda"
+    use_amp = args.amp and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     max_step = sampler.batches_per_epoch() * args.max_epoches
     start = start or {"epoch": 0, "batch": 0}
@@ -119,7 +119,7 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
     if start.get("scaler"):
         scaler.load_state_dict(start["scaler"])
     run_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
-    tic = time.time()
+    tic, first_step = time.time(), optimizer.global_step
 
     def save(epoch: int, batch: int) -> None:
         if info.is_main:
@@ -154,7 +154,7 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
                     lr = optimizer.param_groups[0]["lr"]
                     logger.info("step %d/%d epoch %d %s lr %.5f %.1f img/s", step, max_step, epoch + 1,
                                 " ".join(f"{k} {v:.4f}" for k, v in avg.items()), lr,
-                                step * args.batch_size / max(time.time() - tic, 1e-6))
+                                (step - first_step) * args.batch_size / max(time.time() - tic, 1e-6))
                     tb.scalars(avg, step, prefix="loss/")
                     tb.scalar("lr", lr, step)
                 if picture_fn is not None and info.is_main and step % args.tb_image_every == 1:
