@@ -22,7 +22,7 @@ from network import resnet38_sb
 from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_infer_args, add_model_args, add_sb_model_args, run_main
 from tool.crf import crf_with_alpha
-from tool.distributed import DistInfo, cleanup, init_distributed, shard
+from tool.distributed import DistInfo, distributed_session, shard
 from tool.fileio import is_valid_scores, save_label_png, save_scores
 from tool.logutils import progress, setup_logging
 from voc12.classes import load_classes
@@ -90,8 +90,7 @@ def outputs_done(name: str, args: argparse.Namespace) -> bool:
     return done and (not args.out_cam_pred or (Path(args.out_cam_pred) / f"{name}.png").is_file())
 
 
-def run(args: argparse.Namespace) -> None:
-    info: DistInfo = init_distributed(args.device)
+def infer(args: argparse.Namespace, info: DistInfo) -> None:
     logger = setup_logging(None, info)
     classes = load_classes(args.dataset_classes)
     model = resnet38_sb.Net(num_classes=classes.num_classes, width=args.backbone_width,
@@ -129,12 +128,17 @@ def run(args: argparse.Namespace) -> None:
                 write_crf(*pending.pop(0), args)
         for item in pending:
             write_crf(*item, args)
-    cleanup()
 
 
 def write_crf(name: str, future: Future, args: argparse.Namespace) -> None:
     for alpha, (labels, scores) in zip(args.crf_alphas, future.result(), strict=True):
         save_scores(crf_dir(args.out_crf, alpha) / f"{name}.npz", labels, scores)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Infer CAMs and CRFs for the list (this rank's share under torchrun)."""
+    with distributed_session(args.device) as info:
+        return infer(args, info)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ from network import resnet38_aff
 from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_infer_args, add_model_args, run_main, str2bool
 from tool.crf import crf_inference
-from tool.distributed import cleanup, init_distributed, shard
+from tool.distributed import DistInfo, distributed_session, shard
 from tool.fileio import InputError, load_scores, save_label_png
 from tool.logutils import progress, setup_logging
 from tool.randomwalk import propagate
@@ -77,8 +77,7 @@ def random_walk(model: torch.nn.Module, img: torch.Tensor, scores: np.ndarray, a
     return F.interpolate(walked[None], img.shape[-2:], mode="bilinear", align_corners=False)[0]
 
 
-def run(args: argparse.Namespace) -> None:
-    info = init_distributed(args.device)
+def infer(args: argparse.Namespace, info: DistInfo) -> None:
     logger = setup_logging(None, info)
     classes = load_classes(args.dataset_classes)
     model = resnet38_aff.Net(width=args.backbone_width, radius=args.radius)
@@ -104,7 +103,12 @@ def run(args: argparse.Namespace) -> None:
             padded[:h, :w] = rgb
             walked = crf_inference(padded, walked, t=1, labels=walked.shape[0])
         save_label_png(out_dir / f"{name}.png", np.argmax(walked, 0)[:h, :w])
-    cleanup()
+
+
+def run(args: argparse.Namespace) -> None:
+    """Random-walk the CAMs of the list (this rank's share under torchrun)."""
+    with distributed_session(args.device) as info:
+        return infer(args, info)
 
 
 def main(argv: list[str] | None = None) -> None:

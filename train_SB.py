@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from network import resnet38_sb
 from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_model_args, add_sb_model_args, add_train_args, run_main
-from tool.distributed import cleanup, init_distributed, wrap_model
+from tool.distributed import DistInfo, distributed_session, wrap_model
 from tool.logutils import setup_logging
 from tool.losses import sb_step_loss
 from tool.trainloop import fit, make_poly_optimizer, make_train_loader, resume_state
@@ -59,8 +59,7 @@ def get_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> Path:
-    info = init_distributed(args.device)
+def train(args: argparse.Namespace, info: DistInfo) -> Path:
     logger = setup_logging(args.session_name + ".log", info)
     logger.info("%s", vars(args))
     torch.manual_seed(args.seed)
@@ -97,11 +96,14 @@ def run(args: argparse.Namespace) -> Path:
     def picture_fn(pack: dict, out1) -> np.ndarray:
         return cam_picture(pack["img"][0], out1[1][0].detach(), pack["label"][0])
 
-    try:
-        return fit(args=args, info=info, model=views, optimizer=optimizer, loader=loader, sampler=sampler,
-                   step_fn=step_fn, logger=logger, picture_fn=picture_fn, start=start, net=model)
-    finally:
-        cleanup()
+    return fit(args=args, info=info, model=views, optimizer=optimizer, loader=loader, sampler=sampler,
+               step_fn=step_fn, logger=logger, picture_fn=picture_fn, start=start, net=model)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Train the SB network (one process, or one rank under torchrun)."""
+    with distributed_session(args.device) as info:
+        return train(args, info)
 
 
 def main(argv: list[str] | None = None) -> None:

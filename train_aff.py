@@ -15,7 +15,7 @@ import torch
 from network import resnet38_aff
 from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_model_args, add_train_args, run_main
-from tool.distributed import cleanup, init_distributed, wrap_model
+from tool.distributed import DistInfo, distributed_session, wrap_model
 from tool.logutils import setup_logging
 from tool.losses import affinity_loss
 from tool.trainloop import fit, make_poly_optimizer, make_train_loader, resume_state
@@ -33,8 +33,7 @@ def get_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> Path:
-    info = init_distributed(args.device)
+def train(args: argparse.Namespace, info: DistInfo) -> Path:
     logger = setup_logging(args.session_name + ".log", info)
     logger.info("%s", vars(args))
     torch.manual_seed(args.seed)
@@ -57,11 +56,14 @@ def run(args: argparse.Namespace) -> Path:
         labels = [pack[k].to(info.device, non_blocking=True) for k in ("aff_bg", "aff_fg", "aff_neg")]
         return affinity_loss(aff, *labels), aff
 
-    try:
-        return fit(args=args, info=info, model=model, optimizer=optimizer, loader=loader, sampler=sampler,
-                   step_fn=step_fn, logger=logger, start=start)
-    finally:
-        cleanup()
+    return fit(args=args, info=info, model=model, optimizer=optimizer, loader=loader, sampler=sampler,
+               step_fn=step_fn, logger=logger, start=start)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Train AffinityNet (one process, or one rank under torchrun)."""
+    with distributed_session(args.device) as info:
+        return train(args, info)
 
 
 def main(argv: list[str] | None = None) -> None:

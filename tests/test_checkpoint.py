@@ -246,12 +246,16 @@ def test_stop_signal_sets_a_flag_then_restores_the_handlers():
 
 
 def test_second_sigint_interrupts_as_usual():
-    previous = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt), StopSignal() as stop:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.requested and stop.exit_code == 130
-        signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is previous
+    # Python's own handler, whatever the launcher left (a background job inherits SIGINT ignored).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), StopSignal() as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested and stop.exit_code == 130
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def sampler(n: int = 51, **kwargs) -> ResumableSampler:

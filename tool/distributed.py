@@ -6,8 +6,10 @@ script; :func:`shard` splits inference work and :func:`barrier` waits for the ot
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +68,16 @@ def init_distributed(device: str | None = None) -> DistInfo:
         else:
             dist.init_process_group(backend="gloo")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=parsed, distributed=True)
+
+
+@contextlib.contextmanager
+def distributed_session(device: str | None = None) -> Iterator[DistInfo]:
+    """:func:`init_distributed`, and :func:`cleanup` however the block ends."""
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup()
 
 
 def cleanup() -> None:
