@@ -27,6 +27,7 @@ import numpy as np
 from tool.cli import run_main, str2bool
 from tool.fileio import InputError, atomic_path, load_img_name_list, load_label_png, load_scores
 from tool.iou import (
+    JointCounter,
     confusion_from_joint,
     curve_confusions,
     curve_histogram,
@@ -84,24 +85,39 @@ def count_chunk(setup: EvalSetup, names: Sequence[str]) -> tuple[np.ndarray, np.
     ``(C, C, T + 1)`` curve histogram."""
     num_classes = setup.num_classes
     num_bins = len(setup.thresholds or ()) + 1
-    joint = np.zeros((256, 256), np.int64)
+    joint = JointCounter()
     histogram = np.zeros((num_classes, num_classes, num_bins), np.int64)
     for name in names:
-        gt_path = setup.gt_dir / f"{name}.png"
-        if not gt_path.is_file():
-            raise InputError(f"ground truth not found: {gt_path}")
-        gt = load_label_png(gt_path)
+        gt = _ground_truth(setup, name)
         try:
             pred, cam_histogram = _prediction(setup, name, gt)
             if pred is None:
                 histogram += cam_histogram
             else:
-                image_joint = joint_histogram(pred, gt)
-                confusion_from_joint(image_joint, num_classes, IGNORE_INDEX)  # validates this image
-                joint += image_joint
+                joint.add(pred, gt)
         except InputError as e:
             raise InputError(f"{name}: {e}") from None
-    return confusion_from_joint(joint, num_classes, IGNORE_INDEX), histogram
+    try:
+        return confusion_from_joint(joint.flush(), num_classes, IGNORE_INDEX), histogram
+    except InputError:
+        # Values out of range: find the first image that holds one, to name it (error path only).
+        for name in names:
+            gt = _ground_truth(setup, name)
+            pred, _ = _prediction(setup, name, gt)
+            if pred is None:
+                continue
+            try:
+                confusion_from_joint(joint_histogram(pred, gt), num_classes, IGNORE_INDEX)
+            except InputError as e:
+                raise InputError(f"{name}: {e}") from None
+        raise
+
+
+def _ground_truth(setup: EvalSetup, name: str) -> np.ndarray:
+    gt_path = setup.gt_dir / f"{name}.png"
+    if not gt_path.is_file():
+        raise InputError(f"ground truth not found: {gt_path}")
+    return load_label_png(gt_path)
 
 
 def evaluate_confusions(predict_dir: str | Path, gt_dir: str | Path, names: Sequence[str], num_classes: int,

@@ -340,3 +340,18 @@ def test_curve_flag_parses_booleans():
     assert parser.parse_args(["--comment", "c"]).curve is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--comment", "c", "--curve", "maybe"])
+
+
+def test_joint_counter_is_exact_across_flushes(monkeypatch):
+    rng = np.random.default_rng(4)
+    maps = [(rng.integers(0, 6, (30, 40)).astype(np.uint8), rng.integers(0, 6, (30, 40)).astype(np.uint8))
+            for _ in range(7)]
+    monkeypatch.setattr(iou, "CALCHIST_MAX_PIXELS", 2500)  # a flush every other image, large maps via bincount
+    counter = iou.JointCounter()
+    for pred, gt in maps:
+        counter.add(pred, gt)
+    counter.add(np.full((60, 50), 255, np.uint8), np.zeros((60, 50), np.uint8))  # 3000 px: the bincount path
+    expected = sum(np.bincount(gt.astype(np.int64).ravel() * 256 + pred.ravel(), minlength=256 * 256)
+                   for pred, gt in maps).reshape(256, 256)
+    expected[0, 255] += 3000
+    np.testing.assert_array_equal(counter.flush(), expected)

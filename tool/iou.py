@@ -30,13 +30,48 @@ def joint_histogram(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     if pred.shape != gt.shape:
         raise InputError(f"prediction of size {pred.shape} does not match ground truth of size {gt.shape}")
     if 0 < gt.size < CALCHIST_MAX_PIXELS:
-        planes = cv2.merge([gt.reshape(1, -1), pred.reshape(1, -1)])
-        counts = cv2.calcHist([planes], [0, 1], None, [_BYTE_VALUES, _BYTE_VALUES], [0, _BYTE_VALUES] * 2)
-        return counts.astype(np.int64)
+        return _calchist(pred, gt).astype(np.int64)
     pair = gt.astype(np.uint16)
     pair <<= 8
     pair |= pred
     return np.bincount(pair.reshape(-1), minlength=_BYTE_VALUES ** 2).reshape(_BYTE_VALUES, _BYTE_VALUES)
+
+
+def _calchist(pred: np.ndarray, gt: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """OpenCV's float32 2-D histogram of (gt, pred), added to ``counts`` when given."""
+    return cv2.calcHist([np.ascontiguousarray(gt), np.ascontiguousarray(pred)], [0, 1], None,
+                        [_BYTE_VALUES, _BYTE_VALUES], [0, _BYTE_VALUES] * 2, hist=counts,
+                        accumulate=counts is not None)
+
+
+class JointCounter:
+    """:func:`joint_histogram` summed over many images, exactly, without an int64 copy per image:
+    OpenCV accumulates in float32, flushed to int64 before any bin could pass 2^24."""
+
+    def __init__(self) -> None:
+        self.total = np.zeros((_BYTE_VALUES, _BYTE_VALUES), np.int64)
+        self._partial = np.zeros((_BYTE_VALUES, _BYTE_VALUES), np.float32)
+        self._pending = 0
+
+    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        if pred.dtype != np.uint8 or gt.dtype != np.uint8 or pred.shape != gt.shape or not 0 < gt.size:
+            self.total += joint_histogram(pred, gt)  # raises the right error, or counts an empty map
+            return
+        if self._pending + gt.size >= CALCHIST_MAX_PIXELS:
+            self.flush()
+        if gt.size >= CALCHIST_MAX_PIXELS:
+            self.total += joint_histogram(pred, gt)
+            return
+        _calchist(pred, gt, self._partial)
+        self._pending += gt.size
+
+    def flush(self) -> np.ndarray:
+        """The exact int64 counts so far."""
+        if self._pending:
+            self.total += self._partial.astype(np.int64)
+            self._partial[:] = 0
+            self._pending = 0
+        return self.total
 
 
 def confusion_from_joint(joint: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
