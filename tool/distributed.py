@@ -2,7 +2,7 @@
 
 A script calls :func:`init_distributed` once, moves its model to ``info.device``, wraps it with
 :func:`wrap_model` and saves ``unwrap(model)``. Under ``torchrun`` every rank runs the whole
-script; :func:`shard` splits inference work and :func:`barrier` waits for the others.
+script; :func:`shard` splits inference work.
 """
 from __future__ import annotations
 
@@ -120,12 +120,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 def shard(items: list, info: DistInfo) -> list:
     """This rank's share of ``items``: every ``world_size``-th item from position ``rank``."""
     return items[info.rank::info.world_size]
-
-
-def barrier(info: DistInfo) -> None:
-    """Wait until every rank gets here."""
-    if info.distributed:
-        dist.barrier()
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,9 @@ from tool.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tool.distributed import DistInfo, ranks_agree, unwrap
+from tool.distributed import DistInfo, all_reduce_mean, ranks_agree, unwrap
 from tool.fileio import InputError, atomic_path
-from tool.logutils import AverageMeter, TBWriter, progress
+from tool.logutils import AverageMeter, TBWriter, Timer, progress
 from tool.torchutils import PolyOptimizer
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[dict[str, torch.Tensor], Any]]
@@ -119,7 +118,7 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
     if start.get("scaler"):
         scaler.load_state_dict(start["scaler"])
     run_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
-    tic, first_step = time.time(), optimizer.global_step
+    timer = Timer(total=max_step, done=optimizer.global_step)
 
     def save(epoch: int, batch: int) -> None:
         if info.is_main:
@@ -150,11 +149,12 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
                 meter.add({k: v.item() for k, v in losses.items()})
                 step = optimizer.global_step
                 if step % args.log_every == 1 or args.log_every == 1:
-                    avg = meter.pop()
+                    avg = {k: all_reduce_mean(v, info) for k, v in meter.pop().items()}  # mean over ranks
                     lr = optimizer.param_groups[0]["lr"]
-                    logger.info("step %d/%d epoch %d %s lr %.5f %.1f img/s", step, max_step, epoch + 1,
+                    logger.info("step %d/%d epoch %d %s lr %.5f %.1f img/s eta %s", step, max_step, epoch + 1,
                                 " ".join(f"{k} {v:.4f}" for k, v in avg.items()), lr,
-                                (step - first_step) * args.batch_size / max(time.time() - tic, 1e-6))
+                                (step - timer.start_done) * args.batch_size / max(timer.elapsed(), 1e-6),
+                                timer.eta(step))
                     tb.scalars(avg, step, prefix="loss/")
                     tb.scalar("lr", lr, step)
                 if picture_fn is not None and info.is_main and step % args.tb_image_every == 1:
