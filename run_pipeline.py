@@ -130,7 +130,10 @@ def run(args: argparse.Namespace) -> dict:
     sb_init = ["--weights", r1 + ".pth"] if demo else weights
     stage(train_SB, train_common + sb_init + sb_only + sb_step + epochs["sb_epoches"]
           + ["--session_name", sb, "--sb_map_dir", str(sb_dir)])
-    for split, lst in lists.items():
+    # Inference covers the whole training list (train_aug on VOC: AffinityNet trains on its CRFs),
+    # so that the train split evaluated below is a subset of it.
+    infer_lists = {"train": train_list, "val": lists["val"]}
+    for split, lst in infer_lists.items():
         stage(infer_SB, common + ["--weights", sb + ".pth", "--infer_list", lst, "--out_cam",
                                   str(out / f"cam_{split}"), "--out_crf", str(out / f"crf_{split}")])
 
@@ -140,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
     stage(train_aff, train_common + aff_init + epochs["aff_epoches"]
           + ["--session_name", aff, "--la_crf_dir", str(out / "crf_train_4.0"),
              "--ha_crf_dir", str(out / "crf_train_24.0")])
-    for split, lst in lists.items():
+    for split, lst in infer_lists.items():
         stage(infer_aff, common + walk + ["--weights", aff + ".pth", "--infer_list", lst, "--cam_dir",
                                    str(out / f"cam_{split}"), "--out_rw", str(out / f"rw_{split}")])
 
