@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from network import resnet38_aff
 from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_infer_args, add_model_args, run_main, str2bool
-from tool.crf import crf_inference
+from tool.crf import background_score, crf_inference
 from tool.distributed import DistInfo, distributed_session, shard
 from tool.fileio import InputError, load_scores, save_label_png
 from tool.logutils import progress, setup_logging
@@ -59,7 +59,7 @@ def cam_with_background(cam_file: Path, size: tuple[int, int], num_classes: int,
         if cams.shape[1:] != tuple(size):
             raise InputError(f"{cam_file}: CAM of size {cams.shape[1:]} for an image of size {tuple(size)}")
         full[labels] = cams
-    full[0] = (1 - full[1:].max(axis=0)) ** alpha
+    full[0] = background_score(full[1:], alpha)[0]
     return full
 
 

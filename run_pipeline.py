@@ -30,6 +30,8 @@ from tool.visualization import blend, cam_max_score, colorize_label, figure_row,
 from voc12 import sb_map
 from voc12.data import read_image
 
+LA, HA = infer_SB.CRF_ALPHAS  # low and high background powers of the CRF outputs
+
 # The demo's scale: sized so that the whole run takes about 12 minutes on 2 CPU cores.
 DEMO = {
     "num_train": 240, "num_val": 60, "image_size": 160, "backbone_width": 0.125, "batch_size": 8, "lr": 0.01,
@@ -85,9 +87,8 @@ def run(args: argparse.Namespace) -> dict:
         lists = {"train": "voc12/train.txt", "val": "voc12/val.txt"}
         train_list = "voc12/train_aug.txt"
 
-    common = ["--voc12_root", str(root)]
-    if classes_file:
-        common += ["--dataset_classes", classes_file]
+    data = ["--voc12_root", str(root)] + (["--dataset_classes", classes_file] if classes_file else [])
+    common = list(data)
     if args.device:
         common += ["--device", args.device]
     train_common = common + ["--tblog_dir", str(out / "tblog"), "--train_list", train_list]
@@ -122,8 +123,8 @@ def run(args: argparse.Namespace) -> dict:
                               "--out_crf", str(out / "round1_crf")])
     sb_dir = out / "sb_map"
     sb_map.run(sb_map.get_arg_parser().parse_args(
-        common[:2] + (["--dataset_classes", classes_file] if classes_file else [])
-        + ["--list", train_list, "--crf_dir", str(out / "round1_crf_4.0"), "--out_dir", str(sb_dir)]))
+        data + ["--list", train_list, "--crf_dir", str(infer_SB.crf_dir(str(out / "round1_crf"), LA)),
+                "--out_dir", str(sb_dir)]))
 
     # The SB step, its CAMs and CRFs on train and val.
     sb = str(out / "sb")
@@ -141,8 +142,8 @@ def run(args: argparse.Namespace) -> dict:
     aff = str(out / "aff")
     aff_init = ["--weights", sb + ".pth"] if demo else weights
     stage(train_aff, train_common + aff_init + epochs["aff_epoches"]
-          + ["--session_name", aff, "--la_crf_dir", str(out / "crf_train_4.0"),
-             "--ha_crf_dir", str(out / "crf_train_24.0")])
+          + ["--session_name", aff, "--la_crf_dir", str(infer_SB.crf_dir(str(out / "crf_train"), LA)),
+             "--ha_crf_dir", str(infer_SB.crf_dir(str(out / "crf_train"), HA))])
     for split, lst in infer_lists.items():
         stage(infer_aff, common + walk + ["--weights", aff + ".pth", "--infer_list", lst, "--cam_dir",
                                    str(out / f"cam_{split}"), "--out_rw", str(out / f"rw_{split}")])
@@ -167,8 +168,9 @@ def evaluate_all(out: Path, root: Path, lists: dict[str, str], classes_file: str
                                         "--curve", "True", "--comment", f"cam_{split}"])
         results["cam"][split] = cam["mIoU"]
         results["cam_threshold"][split] = cam.get("threshold")
-        for key, alpha in (("crf_la", "4.0"), ("crf_ha", "24.0")):
-            res = stage(evaluation, base + ["--predict_dir", str(out / f"crf_{split}_{alpha}"), "--type", "npz",
+        for key, alpha in (("crf_la", LA), ("crf_ha", HA)):
+            res = stage(evaluation, base + ["--predict_dir", str(infer_SB.crf_dir(str(out / f"crf_{split}"), alpha)),
+                                            "--type", "npz",
                                             "--comment", f"{key}_{split}"])
             results[key][split] = res["mIoU"]
         res = stage(evaluation, base + ["--predict_dir", str(out / f"rw_{split}"), "--type", "png",
