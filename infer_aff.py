@@ -20,7 +20,7 @@ from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_infer_args, add_model_args, run_main, str2bool
 from tool.crf import background_score, crf_inference
 from tool.distributed import DistInfo, distributed_session, shard
-from tool.fileio import InputError, load_scores, save_label_png
+from tool.fileio import InputError, find_array_file, load_scores, save_label_png
 from tool.logutils import progress, setup_logging
 from tool.randomwalk import propagate
 from voc12.classes import load_classes
@@ -42,12 +42,6 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--radius", default=5, type=int)
     parser.add_argument("--crf", default=False, type=str2bool, help="dense CRF on the walk's scores")
     return parser
-
-
-def cam_path(cam_dir: str, name: str) -> Path:
-    """Our .npz CAM, else the released .npy dict."""
-    path = Path(cam_dir) / f"{name}.npz"
-    return path if path.is_file() or not (Path(cam_dir) / f"{name}.npy").is_file() else path.with_suffix(".npy")
 
 
 def cam_with_background(cam_file: Path, size: tuple[int, int], num_classes: int, alpha: float,
@@ -94,7 +88,7 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
     for pack in progress(loader, info, desc="infer_aff"):
         name, img = pack["name"], pack["img"]
         h, w = img.shape[-2:]
-        scores = cam_with_background(cam_path(args.cam_dir, name), (h, w), classes.num_classes, args.alpha,
+        scores = cam_with_background(find_array_file(args.cam_dir, name), (h, w), classes.num_classes, args.alpha,
                                      args.allow_pickle)
         walked = random_walk(model, img, scores, args, info.device).cpu().numpy()
         if args.crf:

@@ -9,7 +9,7 @@ import scipy.io
 import scipy.sparse
 from PIL import Image
 
-from tool.fileio import InputError, save_label_png, save_scores
+from tool.fileio import InputError, find_array_file, save_label_png, save_scores
 from voc12 import sb_map
 from voc12.classes import VOC
 
@@ -90,8 +90,8 @@ def test_save_load_round_trip(tmp_path):
 
     np.save(tmp_path / "released.npy", maps)  # the released float arrays
     np.testing.assert_array_equal(sb_map.load_sb_map(tmp_path / "released.npy"), maps)
-    assert sb_map.find_sb_map(tmp_path, "released") == tmp_path / "released.npy"
-    assert sb_map.find_sb_map(tmp_path, "a") == tmp_path / "a.npz"
+    assert find_array_file(tmp_path, "released") == tmp_path / "released.npy"
+    assert find_array_file(tmp_path, "a") == tmp_path / "a.npz"
     np.save(tmp_path / "pickled.npy", np.array([{"x": 1}], dtype=object))
     with pytest.raises(InputError, match="not a boundary map"):
         sb_map.load_sb_map(tmp_path / "pickled.npy")

@@ -62,6 +62,13 @@ def load_img_name_list(path: str | Path) -> list[str]:
     return [p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name for p in names]
 
 
+def find_array_file(folder: str | Path, name: str) -> Path:
+    """``NAME.npz`` in ``folder`` (ours), or else the released ``NAME.npy`` if only that exists."""
+    path = Path(folder) / f"{name}.npz"
+    released = path.with_suffix(".npy")
+    return released if not path.is_file() and released.is_file() else path
+
+
 def save_scores(path: str | Path, labels: np.ndarray, scores: np.ndarray) -> None:
     """Write a score map (see the module docstring) atomically."""
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)

@@ -21,9 +21,9 @@ from torch.utils.data import Dataset
 from network.resnet38d import Normalize
 from tool import imutils
 from tool.affinity import effective_radius, extract_affinity_labels
-from tool.fileio import InputError, atomic_path, load_img_name_list, load_scores
+from tool.fileio import InputError, atomic_path, find_array_file, load_img_name_list, load_scores
 from voc12.classes import IGNORE_INDEX, ClassList
-from voc12.sb_map import find_sb_map, load_sb_map
+from voc12.sb_map import load_sb_map
 
 IMG_FOLDER_NAME = "JPEGImages"
 LABEL_FILE_NAME = "cls_labels.npz"
@@ -99,13 +99,6 @@ def _first_missing(paths: list[Path]) -> Path | None:
     return next((p for p in paths if not p.is_file()), None)
 
 
-def _crf_path(crf_dir: str | Path, name: str) -> Path:
-    """Our ``.npz`` score file, or else the released pickled ``.npy`` dict."""
-    path = Path(crf_dir) / f"{name}.npz"
-    released = path.with_suffix(".npy")
-    return released if not path.is_file() and released.is_file() else path
-
-
 class VOC12ImageDataset(Dataset):
     """Images of a list: ``{'name', 'img', 'orig'}``.
 
@@ -154,7 +147,7 @@ class VOC12ClsDataset(VOC12ImageDataset):
         self.resize_long = resize_long
         self.sb_map_paths = None
         if sb_map_dir is not None:
-            self.sb_map_paths = [find_sb_map(sb_map_dir, n) for n in self.names]
+            self.sb_map_paths = [find_array_file(sb_map_dir, n) for n in self.names]
             missing = _first_missing(self.sb_map_paths)
             if missing is not None:
                 raise InputError(f"boundary map not found: {missing} (make them with python -m voc12.sb_map)")
@@ -247,7 +240,7 @@ class VOC12AffDataset(VOC12ImageDataset):
                  ha_crf_dir: str | Path, crop_size: int = 448, radius: int = 5, seed: int = 0,
                  allow_pickle: bool = False) -> None:
         super().__init__(list_path, voc12_root)
-        self.crf_paths = [(_crf_path(la_crf_dir, n), _crf_path(ha_crf_dir, n)) for n in self.names]
+        self.crf_paths = [(find_array_file(la_crf_dir, n), find_array_file(ha_crf_dir, n)) for n in self.names]
         missing = _first_missing([p for pair in self.crf_paths for p in pair])
         if missing is not None:
             raise InputError(f"CRF score file not found: {missing}")

@@ -58,13 +58,6 @@ def load_sb_map(path: str | Path) -> np.ndarray:
     return sb_map
 
 
-def find_sb_map(sb_map_dir: str | Path, name: str) -> Path:
-    """``NAME.npz`` in ``sb_map_dir``, or else the released ``NAME.npy`` if only that exists."""
-    path = Path(sb_map_dir) / f"{name}.npz"
-    released = path.with_suffix(".npy")
-    return released if not path.is_file() and released.is_file() else path
-
-
 def soften(core: np.ndarray, sigma: float) -> np.ndarray:
     """Boolean ``(C, H, W)`` edges to soft maps: 1 on the edge, a Gaussian tail (peak 1) around it."""
     out = np.zeros(core.shape, dtype=np.float32)
