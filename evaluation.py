@@ -6,7 +6,10 @@ r"""Evaluate segmentation predictions or CAMs against ground-truth label PNGs (m
 
 ``--type png``: label predictions. ``--type npz``: our score files; a CAM file (foreground labels
 only) gets a background score ``--t`` (SEAM), a CRF file (labels include the background) is a plain
-argmax. ``--type npy``: the released pickled CAM dicts, read only with ``--allow_pickle``.
+argmax. ``--type npy`` (the released README's spelling): CAM or CRF score files, ours (``.npz``) or,
+where only those exist, the released pickled ``.npy`` dicts, read only with ``--allow_pickle``. A
+released CRF dict (key 0 = background, probabilities) is told from a CAM dict (keys = object
+classes counted from 0) and scored as a CRF.
 ``--curve True`` evaluates every background score t = 0.00 .. 0.59 in one pass over the files,
 plots the curve and reports the best t. IoU counts as the released code: TP / (T + P - TP) over
 pixels whose ground truth is not 255, a class absent everywhere scoring 0.
@@ -25,7 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from tool.cli import run_main, str2bool
-from tool.fileio import InputError, atomic_path, load_img_name_list, load_label_png, load_scores
+from tool.fileio import (
+    InputError,
+    atomic_path,
+    find_array_file,
+    load_img_name_list,
+    load_label_png,
+    load_scores,
+)
 from tool.iou import (
     JointCounter,
     confusion_from_joint,
@@ -54,11 +64,11 @@ class EvalSetup:
 
 def _prediction(setup: EvalSetup, name: str, gt: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     """One image's prediction: ``(label map, None)`` or, for a CAM, ``(None, curve histogram)``."""
-    path = setup.predict_dir / f"{name}.{setup.input_type}"
-    if not path.is_file():
-        raise InputError(f"prediction file not found: {path}")
+    path = prediction_path(setup.predict_dir, name, setup.input_type)
     if setup.input_type == "png":
         return load_label_png(path), None
+    if path.suffix == ".npy" and not setup.allow_pickle:
+        raise InputError(f"{path} is a pickled .npy file of the released code; pass --allow_pickle if you trust it")
     try:
         labels, scores = load_scores(path, allow_pickle=setup.allow_pickle,
                                      released_cam=setup.input_type == "npy")
@@ -70,7 +80,7 @@ def _prediction(setup: EvalSetup, name: str, gt: np.ndarray) -> tuple[np.ndarray
         scores = np.zeros((0, *gt.shape), np.float32)
     if labels.size and (labels.min() < 0 or labels.max() >= setup.num_classes):
         raise InputError(f"{path} holds labels {labels.tolist()} outside 0..{setup.num_classes - 1}")
-    if setup.input_type == "npz" and 0 in labels:
+    if 0 in labels:
         # A CRF file: background included, plain argmax (ties to the lowest label).
         order = np.argsort(labels, kind="stable")
         return labels[order][scores[order].argmax(axis=0)].astype(np.uint8), None
@@ -78,6 +88,25 @@ def _prediction(setup: EvalSetup, name: str, gt: np.ndarray) -> tuple[np.ndarray
         raise InputError(f"{path} is a CAM without background: pass --t or --curve")
     return None, curve_histogram(labels, scores, gt, np.asarray(setup.thresholds), setup.num_classes,
                                  IGNORE_INDEX)
+
+
+def prediction_path(predict_dir: Path, name: str, input_type: str) -> Path:
+    """The file of one image: ``NAME.png``; for score files our ``NAME.npz``, or with ``--type npy``
+    the released ``NAME.npy`` where only that exists (the released README's ``--type npy`` reads both)."""
+    if input_type == "png":
+        path = predict_dir / f"{name}.png"
+    else:
+        path = find_array_file(predict_dir, name) if input_type == "npy" else predict_dir / f"{name}.npz"
+    if path.is_file():
+        return path
+    hint = ""
+    if input_type == "npz" and path.with_suffix(".npy").is_file():
+        hint = f" ({name}.npy is there: pass --type npy --allow_pickle)"
+    elif input_type == "npy":
+        hint = f" (nor {name}.npy)"
+    elif (predict_dir / f"{name}.npz").is_file():
+        hint = f" ({name}.npz is there: pass --type npz)"
+    raise InputError(f"prediction file not found: {path}{hint}")
 
 
 def count_chunk(setup: EvalSetup, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -132,8 +161,6 @@ def evaluate_confusions(predict_dir: str | Path, gt_dir: str | Path, names: Sequ
     for folder, what in ((predict_dir, "prediction"), (gt_dir, "ground-truth")):
         if not Path(folder).is_dir():
             raise InputError(f"{what} folder not found: {folder}")
-    if input_type == "npy" and not allow_pickle:
-        raise InputError("--type npy reads pickled files; pass --allow_pickle if you trust them")
     if thresholds is not None:
         thresholds = tuple(float(t) for t in thresholds) or None  # an empty list: no threshold
     if thresholds and list(thresholds) != sorted(thresholds):

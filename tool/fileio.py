@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -85,15 +86,17 @@ def load_scores(path: str | Path, allow_pickle: bool = False,
 
     ``.npy`` files are the released code's pickled dicts ``{class: map}``: read only with
     ``allow_pickle=True``. Their CAM dicts count foreground classes from 0 (``released_cam=True``
-    shifts them to segmentation indices); their CRF dicts already use segmentation indices.
+    shifts them to segmentation indices); their CRF dicts already use segmentation indices and are
+    never shifted (:func:`is_released_crf_dict` tells them apart).
     """
     path = Path(path)
     if path.suffix == ".npy":
         if not allow_pickle:
             raise InputError(f"{path} is a pickled .npy file; pass --allow_pickle if you trust it")
-        data = np.load(path, allow_pickle=True).item()
+        data = load_released_dict(path)
+        shift = released_cam and not is_released_crf_dict(data)
         keys = sorted(data)
-        labels = np.array([k + 1 if released_cam else k for k in keys], dtype=np.int64)
+        labels = np.array([k + 1 if shift else k for k in keys], dtype=np.int64)
         scores = np.stack([np.asarray(data[k], dtype=np.float32) for k in keys]) if keys else None
         return labels, scores
     try:
@@ -103,6 +106,30 @@ def load_scores(path: str | Path, allow_pickle: bool = False,
         raise InputError(f"score file not found: {path}") from None
     except ARRAY_READ_ERRORS as e:
         raise InputError(f"{path} is not a valid score file ({e.__class__.__name__}: {e})") from None
+
+
+def load_released_dict(path: Path) -> dict:
+    """The ``{class: map}`` dict of a released pickled ``.npy`` (the caller has allowed pickle)."""
+    try:
+        array = np.load(path, allow_pickle=True)
+    except FileNotFoundError:
+        raise InputError(f"score file not found: {path}") from None
+    except (*ARRAY_READ_ERRORS, pickle.UnpicklingError) as e:
+        raise InputError(f"{path} is not a valid .npy file ({e.__class__.__name__}: {e})") from None
+    data = array.item() if array.dtype == object and array.shape == () else None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} is not a released CAM/CRF dict but a {array.dtype} array of shape {array.shape}")
+    return data
+
+
+def is_released_crf_dict(data: dict) -> bool:
+    """True for a released CRF dict: it holds the background (key 0) and its maps are probabilities
+    that sum to 1 at every pixel. A released CAM dict counts object classes from 0, so key 0 there is
+    the first object class, and its min-max normalised maps do not sum to 1."""
+    if 0 not in data:
+        return False
+    total = sum(np.asarray(m, dtype=np.float64) for m in data.values())
+    return bool(np.allclose(total, 1.0, atol=1e-3))
 
 
 def is_valid_scores(path: str | Path) -> bool:
