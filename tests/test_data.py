@@ -119,6 +119,12 @@ def test_make_lists_errors(tmp_path):
         make_lists.run(make_lists.parse_args(["--voc12_root", str(voc), "--out_dir", str(tmp_path)]))
     (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000032\n")
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("")
+    with pytest.raises(InputError, match="split file lists no image"):
+        make_lists.run(make_lists.parse_args(["--voc12_root", str(voc), "--out_dir", str(tmp_path)]))
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("../../etc/passwd\n")
+    with pytest.raises(InputError, match="lists '../../etc/passwd': split files name images, not paths"):
+        make_lists.run(make_lists.parse_args(["--voc12_root", str(voc), "--out_dir", str(tmp_path)]))
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000032\n")
     with pytest.raises(InputError, match="no annotation for image 2007_000032"):
         make_lists.run(make_lists.parse_args(["--voc12_root", str(voc), "--out_dir", str(tmp_path)]))
 

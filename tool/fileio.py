@@ -51,13 +51,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def read_text(path: str | Path) -> str:
+    """A text file's contents as UTF-8 (a byte-order mark dropped); UTF-16/32 and other encodings
+    are refused in one line rather than read as garbage names."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        raise InputError(f"{path} is UTF-16 or UTF-32 text (or binary); save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
 def load_img_name_list(path: str | Path) -> list[str]:
     """Image names of a list file: the first word of each line, as a bare name (``2007_000032``)
     or a path (``/JPEGImages/2007_000032.jpg``, the released format) without folder and extension."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image list not found: {path}")
-    names = [Path(line.split()[0]) for line in path.read_text().splitlines() if line.strip()]
+    names = [Path(line.split()[0]) for line in read_text(path).splitlines() if line.strip()]
     if not names:
         raise InputError(f"image list is empty: {path}")
     return [p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name for p in names]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tool.errors import InputError
+from tool.fileio import read_text
 
 BACKGROUND = "background"
 IGNORE_INDEX = 255
@@ -62,7 +63,7 @@ def load_classes(path: str | Path | None = None) -> ClassList:
     if not path.is_file():
         raise InputError(f"class list file not found: {path}")
     names = []
-    for raw in path.read_text(encoding="utf-8").splitlines():
+    for raw in read_text(path).splitlines():
         name = raw.split("#", 1)[0].strip()
         if name:
             names.append(name)

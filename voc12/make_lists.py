@@ -8,6 +8,9 @@ released line format, and ``cls_labels.npz`` with the labels of every listed ima
 labels are the classes named by the objects of ``Annotations/NAME.xml`` (difficult and truncated
 objects included, the background excluded); an image without XML takes them from SBD's
 ``cls/NAME.mat`` segmentation.
+
+The repository ships these files for PASCAL VOC 2012 (``voc12/LISTS.md``); run on VOC's own files,
+this says in one line whether they give the same lists.
 """
 from __future__ import annotations
 
@@ -19,12 +22,13 @@ import numpy as np
 import scipy.io
 
 from tool.cli import run_main
-from tool.fileio import InputError, atomic_path
+from tool.fileio import InputError, atomic_path, load_img_name_list, read_text
 from voc12.classes import IGNORE_INDEX, ClassList, load_classes
 from voc12.data import LABEL_FILE_NAME, save_image_labels
 from voc12.sb_map import sbd_dataset_dir
 
 ANNOT_FOLDER_NAME = "Annotations"
+SHIPPED_DIR = Path(__file__).parent  # the VOC 2012 / SBD lists shipped with the repository (LISTS.md)
 SPLIT_FOLDER = Path("ImageSets") / "Segmentation"
 
 
@@ -37,7 +41,31 @@ def read_split(path: Path) -> list[str]:
     """Names of a split file (one name per line, as VOC's and SBD's)."""
     if not path.is_file():
         raise InputError(f"split file not found: {path}")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    names = [line.split()[0] for line in read_text(path).splitlines() if line.strip()]
+    if not names:
+        raise InputError(f"split file lists no image: {path}")
+    bad = next((n for n in names if Path(n).name != n or n in (".", "..")), None)
+    if bad is not None:
+        raise InputError(f"{path} lists '{bad}': split files name images, not paths")
+    return names
+
+
+def compare_with_shipped(lists: dict[str, list[str]], shipped_dir: Path = SHIPPED_DIR) -> str:
+    """One line saying whether VOC's (and SBD's) own split files give the shipped lists."""
+    diffs = []
+    for split, names in lists.items():
+        shipped_file = shipped_dir / f"{split}.txt"
+        if not shipped_file.is_file():
+            continue
+        shipped = load_img_name_list(shipped_file)
+        only_here, only_shipped = sorted(set(names) - set(shipped)), sorted(set(shipped) - set(names))
+        if only_here or only_shipped:
+            example = (only_here or only_shipped)[0]
+            diffs.append(f"{split}: {len(only_here)} images only in yours, {len(only_shipped)} only in the"
+                         f" shipped list (e.g. {example})")
+    if not diffs:
+        return f"{', '.join(lists)} match the shipped lists in {shipped_dir}"
+    return f"your lists differ from the shipped ones in {shipped_dir}: " + "; ".join(diffs)
 
 
 def labels_from_xml(path: str | Path, classes: ClassList) -> np.ndarray:
@@ -118,6 +146,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         sbd_dir = sbd_dataset_dir(args.sbd_root)
         sbd = set(read_split(sbd_dir / "train.txt")) | set(read_split(sbd_dir / "val.txt"))
         lists["train_aug"] = sorted((set(lists["train"]) | sbd) - set(lists["val"]))
+    if args.dataset_classes is None:
+        print(compare_with_shipped(lists))
     names = sorted({n for split in lists.values() for n in split})
     labels = np.array([image_labels(n, voc12_root, sbd_dir, classes) for n in names], dtype=np.uint8)
     labels = labels.reshape(len(names), classes.num_fg)
