@@ -11,6 +11,7 @@ over the ranks.
 from __future__ import annotations
 
 import argparse
+import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from network import resnet38_sb
 from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_infer_args, add_model_args, add_sb_model_args, run_main
 from tool.crf import crf_with_alpha
-from tool.distributed import DistInfo, distributed_session, shard
-from tool.fileio import is_valid_scores, save_label_png, save_scores
+from tool.distributed import DistInfo, die_with_parent, distributed_session, shard
+from tool.fileio import InputError, is_valid_scores, save_label_png, save_scores
 from tool.logutils import progress, setup_logging
 from voc12.classes import load_classes
 from voc12.data import VOC12ClsDatasetMSF, default_label_file, first_item
@@ -109,7 +110,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
                                          collate_fn=first_item, num_workers=args.num_workers)
     pending: list[tuple[str, Future]] = []
     use_amp = args.amp and info.device.type == "cuda"
-    with ProcessPoolExecutor(max_workers=max(args.crf_workers, 1)) as pool:
+    with ProcessPoolExecutor(max_workers=max(args.crf_workers, 1), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         for pack in progress(loader, info, desc="infer_SB"):
             name = pack["name"]
             with torch.autocast("cuda", enabled=use_amp):
@@ -137,6 +139,8 @@ def write_crf(name: str, future: Future, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Infer CAMs and CRFs for the list (this rank's share under torchrun)."""
+    if not (args.out_cam or args.out_crf or args.out_cam_pred):
+        raise InputError("nothing to write: pass --out_cam, --out_crf and/or --out_cam_pred")
     with distributed_session(args.device) as info:
         return infer(args, info)
 

@@ -414,6 +414,14 @@ def _strip_prefix(name: str) -> str:
     return name
 
 
+def _shape_hint(in_backbone: bool) -> str:
+    """What a shape mismatch most likely means: the backbone's shapes depend only on the width,
+    a head's on the network type and the class count."""
+    if in_backbone:
+        return "another --backbone_width?"
+    return "weights of another network type (SB / AffinityNet) or another class count (--dataset_classes)?"
+
+
 def load_weights(model: nn.Module, path: str | Path, strict: bool) -> list[str]:
     """Load ImageNet MXNet weights (always non-strict: heads keep their init), one of our
     checkpoints or a released state_dict into ``model``; return the names left at their init.
@@ -440,7 +448,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool) -> list[str]:
     for name in mismatched:
         if strict or name in backbone:
             raise InputError(f"{path}: parameter {name} has shape {tuple(state[name].shape)} in the file but "
-                             f"{tuple(own[name].shape)} in the model (another --backbone_width?)")
+                             f"{tuple(own[name].shape)} in the model ({_shape_hint(name in backbone)})")
     state = {k: v for k, v in state.items() if k not in mismatched}
     if strict:
         missing = [k for k in own.keys() - state.keys() if not k.endswith("num_batches_tracked")]

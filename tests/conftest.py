@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "data" / "mxnet"  # a copy of the workplace's shared/fixtures (1.9 MB)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -12,7 +12,7 @@ if str(ROOT) not in sys.path:
 @pytest.fixture
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.skip(f"shared fixtures not found at {FIXTURES}")
+        pytest.skip(f"MXNet fixtures not found at {FIXTURES}")
     return FIXTURES
 
 

@@ -8,6 +8,9 @@ The flag names and defaults are the released code's (``--voc12_root``, ``--weigh
 from __future__ import annotations
 
 import argparse
+import gc
+import multiprocessing
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -80,6 +83,8 @@ def add_train_args(parser: argparse.ArgumentParser, *, session_name: str, max_ep
     g.add_argument("--seed", default=100000, type=int)
     g.add_argument("--train_bn", action="store_true",
                    help="let BatchNorm train (needed from random init; the paper freezes it)")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="go on past images (or CRF files) that do not read, with a warning naming each")
 
 
 def add_infer_args(parser: argparse.ArgumentParser, infer_list: str) -> None:
@@ -96,8 +101,41 @@ def run_main(run: Callable[[argparse.Namespace], Any], parser: argparse.Argument
     try:
         return run(args)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        message, code = one_line(e), 2
     except NonFiniteLoss as e:
-        print(f"error: {e}; the last checkpoint is the last good state", file=sys.stderr)
-        raise SystemExit(1) from None
+        message, code = one_line(e), 1
+    except OSError as e:
+        if e.filename is None:
+            raise
+        message, code = file_system_message(e), 1
+    end_worker_processes()
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def end_worker_processes() -> None:
+    """Kill the daemonic children left by a failed run: DataLoader workers ignore SIGTERM (see
+    ignore_stop_signals) and, after a worker raised, torch does not always stop them, so the
+    interpreter's exit would wait for them forever."""
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise on these deaths
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+    gc.collect()  # drops the failed loop's frames, and with them any DataLoader iterator
+
+
+def one_line(error: Exception) -> str:
+    """The message of an error; one re-raised from a DataLoader worker carries the worker's whole
+    traceback, of which its last line holds the original message."""
+    message = str(error)
+    if "\nOriginal Traceback" in message:
+        message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
+def file_system_message(error: OSError) -> str:
+    """``PATH: what went wrong``, naming both paths of a failed rename or link."""
+    paths = str(error.filename) + (f" -> {error.filename2}" if error.filename2 is not None else "")
+    return f"{paths}: {error.strerror or error}"

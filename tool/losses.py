@@ -109,7 +109,10 @@ def boundary_loss(edge: torch.Tensor, sb_map: torch.Tensor, label: torch.Tensor)
     (torch's BCE, logs clamped at -100, as released). The clamp keeps resized maps a valid target.
     """
     target = sb_map.clamp(0, 1) * label
-    return F.binary_cross_entropy(torch.sigmoid(edge), target)
+    prob = torch.sigmoid(edge)
+    # torch's BCE raises on a NaN input: score NaN as 0.5, and add 0 * sum so that the NaN still
+    # reaches the finite check of the training loop (same value and gradient otherwise).
+    return F.binary_cross_entropy(torch.nan_to_num(prob, nan=0.5), target) + 0 * prob.sum()
 
 
 def _per_channel_filter(x: torch.Tensor, kernel: tuple) -> torch.Tensor:

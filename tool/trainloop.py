@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tool.checkpoint import (
     set_rng_state,
 )
 from tool.distributed import DistInfo, all_reduce_mean, ranks_agree, unwrap
+from tool.errors import NonFiniteLoss
 from tool.fileio import InputError, atomic_path
 from tool.logutils import AverageMeter, TBWriter, Timer, progress
 from tool.torchutils import PolyOptimizer
@@ -45,6 +47,14 @@ def final_weights_path(args: argparse.Namespace) -> Path:
     return Path(args.session_name + ".pth")
 
 
+def last_good_state(args: argparse.Namespace) -> str:
+    """Where a stopped run's last good state is, said only if that checkpoint exists."""
+    path = checkpoint_path(args)
+    if path.is_file():
+        return f"the last good state is {path} (resume with --resume)"
+    return "no checkpoint was written yet (it is written at each epoch end)"
+
+
 def make_poly_optimizer(net: torch.nn.Module, args: argparse.Namespace, sampler: ResumableSampler) -> PolyOptimizer:
     """The released optimiser and learning-rate groups: pretrained x1/x2, from scratch x10/x20, no
     decay on biases; the poly schedule spans ``args.max_epoches``."""
@@ -58,10 +68,38 @@ def make_poly_optimizer(net: torch.nn.Module, args: argparse.Namespace, sampler:
     ], lr=lr, weight_decay=wt_dec, max_step=sampler.batches_per_epoch() * args.max_epoches, momentum=args.momentum)
 
 
+class SkipBadItems(torch.utils.data.Dataset):
+    """``--skip_bad_images``: an item whose files do not read (a corrupt image or CRF file) is
+    replaced by the next readable one, with one warning line naming the file."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self)):
+            try:
+                return self.dataset[(index + offset) % len(self)]
+            except InputError as e:
+                print(f"warning: skipped, {e}", file=sys.stderr)
+        raise InputError("no item of the training list could be read")
+
+
 def make_train_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
                       info: DistInfo) -> tuple[ResumableSampler, torch.utils.data.DataLoader]:
     if args.batch_size % info.world_size:
         raise InputError(f"--batch_size {args.batch_size} does not split over {info.world_size} ranks")
+    if len(dataset) < args.batch_size:
+        raise InputError(f"the training list holds {len(dataset)} images, fewer than --batch_size"
+                         f" {args.batch_size}: no step would run")
+    if getattr(args, "skip_bad_images", False):
+        dataset = SkipBadItems(dataset)
     sampler = ResumableSampler(len(dataset), shuffle=True, seed=args.seed, batch_size=args.batch_size,
                                drop_last=True, rank=info.rank, world_size=info.world_size)
     loader = torch.utils.data.DataLoader(
@@ -141,7 +179,10 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
                             else contextlib.nullcontext())
                 with autocast:
                     losses, outputs = step_fn(model, pack)
-                check_finite(losses, optimizer.global_step)
+                try:
+                    check_finite(losses, optimizer.global_step)
+                except NonFiniteLoss as e:
+                    raise NonFiniteLoss(f"{e}; {last_good_state(args)}") from None
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses["loss"]).backward()
                 scaler.step(optimizer)
