@@ -47,6 +47,9 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crf_alphas", default=list(CRF_ALPHAS), type=float, nargs="+",
                         help="background powers of the CRF outputs (low and high)")
     parser.add_argument("--crf_workers", default=2, type=int, help="processes running the dense CRF")
+    parser.add_argument("--max_side", default=1024, type=int,
+                        help="longer side the network sees at most (CAMs come back at full size; VOC's are"
+                             " at most 500); 0: no limit, the released behaviour, whose memory grows with the image")
     return parser
 
 
@@ -102,7 +105,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
         model = model.to(memory_format=torch.channels_last)
 
     dataset = VOC12ClsDatasetMSF(args.infer_list, args.voc12_root,
-                                 args.label_file or default_label_file(args.infer_list), classes, scales=SCALES)
+                                 args.label_file or default_label_file(args.infer_list), classes, scales=SCALES,
+                                 max_side=args.max_side)
     todo = [i for i in shard(list(range(len(dataset))), info)
             if args.overwrite or not outputs_done(dataset.names[i], args)]
     logger.info("%d of %d images to infer on rank %d", len(todo), len(dataset), info.rank)

@@ -72,11 +72,23 @@ def read_image(path: str | Path) -> np.ndarray:
     """An image file as uint8 ``(H, W, 3)`` RGB."""
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return _to_rgb8(img, path)
     except FileNotFoundError:
         raise InputError(f"image file not found: {path}") from None
     except OSError as e:
         raise InputError(f"{path} does not decode as an image ({e})") from None
+
+
+def _to_rgb8(img: Image.Image, path: str | Path) -> np.ndarray:
+    """uint8 RGB of a decoded image; 16-bit grey is scaled to 8 bits (``convert`` would clip it at 255)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
+        grey = np.asarray(img).astype(np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise InputError(f"{path} is a {img.mode} image with values outside 0..65535; save it as 8-bit RGB")
+        return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise InputError(f"{path} is a floating-point image; save it as 8-bit RGB")
+    return np.asarray(img.convert("RGB"))
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -188,26 +200,33 @@ class VOC12ClsDatasetMSF(VOC12ImageDataset):
     """Multi-scale inference inputs: ``{'name', 'img'`` (each scale, then its mirror image: CHW
     float32 tensors), ``'label'`` (num_fg,), ``'size'`` (H, W), ``'orig'`` uint8 HWC``}``.
 
-    Scaled sizes round as released (``round(side * scale)``), bicubic PIL resize.
+    Scaled sizes round as released (``round(side * scale)``), bicubic PIL resize. An image whose
+    longer side exceeds ``max_side`` is first resized to it (the views only: ``size`` and ``orig``
+    stay full size, so the CAMs come back at full size), which bounds the network's memory.
     """
 
     def __init__(self, list_path: str | Path, voc12_root: str | Path, label_file: str | Path,
-                 classes: ClassList, scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)) -> None:
+                 classes: ClassList, scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0),
+                 max_side: int | None = None) -> None:
         super().__init__(list_path, voc12_root)
         self.labels = load_image_labels(label_file, self.names, classes.num_fg)
         self.scales = scales
+        self.max_side = max_side
         self.normalize = Normalize()
 
     def __getitem__(self, index: int) -> dict:
-        img = self.read(index)
-        h, w = img.shape[:2]
+        orig = self.read(index)
+        h, w = orig.shape[:2]
+        img = orig
+        if self.max_side and max(h, w) > self.max_side:
+            img = imutils.resize_image(orig, imutils.long_side_size((h, w), self.max_side))
         views = []
         for s in self.scales:
-            scaled = imutils.resize_image(img, (round(h * s), round(w * s)))
+            scaled = imutils.resize_image(img, (round(img.shape[0] * s), round(img.shape[1] * s)))
             chw = imutils.hwc_to_chw(self.normalize(scaled))
             views += [torch.from_numpy(chw), torch.from_numpy(chw[..., ::-1].copy())]
         return {"name": self.names[index], "img": views, "label": torch.from_numpy(self.labels[index]),
-                "size": (h, w), "orig": img}
+                "size": (h, w), "orig": orig}
 
 
 def affinity_label(la_labels: np.ndarray, la_scores: np.ndarray, ha_labels: np.ndarray,

@@ -89,7 +89,7 @@ def labels_from_xml(path: str | Path, classes: ClassList) -> np.ndarray:
 def labels_from_sbd(path: str | Path, classes: ClassList) -> np.ndarray:
     """Image-level labels, uint8 ``(num_fg,)``, from the classes in SBD's ``GTcls.Segmentation``."""
     try:
-        seg = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
+        seg = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
     except (OSError, ValueError, KeyError, AttributeError) as e:
         raise InputError(f"{path} is not an SBD GTcls file ({e.__class__.__name__}: {e})") from None
     values = np.unique(seg)

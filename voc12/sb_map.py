@@ -98,7 +98,7 @@ def sbd_boundaries(mat_path: str | Path, num_classes: int, sigma: float = 1.0) -
     boundary: channel 0 is the union of the class boundaries.
     """
     try:
-        gt = scipy.io.loadmat(mat_path, squeeze_me=True, struct_as_record=False)["GTcls"]
+        gt = scipy.io.loadmat(str(mat_path), squeeze_me=True, struct_as_record=False)["GTcls"]
     except FileNotFoundError:
         raise InputError(f"SBD file not found: {mat_path}") from None
     except (OSError, ValueError, KeyError) as e:
@@ -117,6 +117,25 @@ def sbd_dataset_dir(sbd_root: str | Path) -> Path:
     return root / "dataset" if (root / "dataset").is_dir() else root
 
 
+def without_sbd_gaps(names: list[str], sbd_dir: Path, fallback_crf_dir: str | None) -> list[str]:
+    """The names to make maps for with ``--sbd_upper_bound``: SBD lacks some VOC images (most of
+    VOC's own train split); say how many and which, and drop them unless CRF files stand in."""
+    lacking = [n for n in names if not (sbd_dir / "cls" / f"{n}.mat").is_file()]
+    if not lacking:
+        return names
+    if lacking == names:
+        raise InputError(f"SBD at {sbd_dir} has no cls/NAME.mat for any listed image")
+    shown = ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else "")
+    if fallback_crf_dir:
+        print(f"{len(lacking)} of {len(names)} images are not in SBD ({shown}): their maps come from "
+              f"the CRF files in {fallback_crf_dir}")
+        return names
+    print(f"{len(lacking)} of {len(names)} images are not in SBD ({shown}): skipped, no map written"
+          " (--fallback_crf_dir makes them from CRF files)")
+    skipped = set(lacking)
+    return [n for n in names if n not in skipped]
+
+
 def make_one(name: str, args: argparse.Namespace, num_classes: int, out_dir: Path) -> None:
     """Compute, check and write the boundary map of one image."""
     from voc12.data import image_path, image_size  # voc12.data imports this module
@@ -131,6 +150,10 @@ def make_one(name: str, args: argparse.Namespace, num_classes: int, out_dir: Pat
     else:
         path = sbd_dataset_dir(args.sbd_upper_bound) / "cls" / f"{name}.mat"
         source = None
+        if not path.is_file() and args.fallback_crf_dir:
+            path = Path(args.fallback_crf_dir) / f"{name}.npz"
+            labels, scores = load_scores(path)
+            source = labels[np.argmax(scores, axis=0)]
     if source is not None:
         try:
             sb_map = boundaries_from_labels(source, num_classes, args.width, args.sigma)
@@ -155,6 +178,8 @@ def get_arg_parser() -> argparse.ArgumentParser:
     source.add_argument("--label_dir", type=str, help="label PNGs NAME.png, e.g. a first round's random walk")
     source.add_argument("--sbd_upper_bound", type=str, metavar="SBD_ROOT",
                         help="SBD's ground-truth boundaries: an upper bound, NOT weak supervision")
+    parser.add_argument("--fallback_crf_dir", default=None, type=str,
+                        help="with --sbd_upper_bound: CRF score files for the images SBD lacks (else they are skipped)")
     parser.add_argument("--dataset_classes", default=None, type=str, help="class-list file (default: VOC)")
     parser.add_argument("--width", default=2.0, type=float, help="edge width in pixels")
     parser.add_argument("--sigma", default=1.0, type=float, help="Gaussian softening in pixels")
@@ -181,6 +206,8 @@ def run(args: argparse.Namespace) -> Path:
         raise InputError(f"source folder not found: {source_dir}")
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.voc12_root) / "sb_map"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.sbd_upper_bound:
+        names = without_sbd_gaps(names, sbd_dataset_dir(args.sbd_upper_bound), args.fallback_crf_dir)
     work = partial(make_one, args=args, num_classes=classes.num_classes, out_dir=out_dir)
     if args.num_workers > 1 and len(names) > 1:
         with ProcessPoolExecutor(max_workers=args.num_workers) as pool:
