@@ -35,7 +35,7 @@ def test_make_lists_reports_difference_from_shipped(tmp_path):
     assert same == f"train, val match the shipped lists in {shipped}"
     differ = make_lists.compare_with_shipped({"train": ["a", "x", "y"], "val": ["c"]}, shipped)
     assert "\n" not in differ
-    assert differ.endswith("train: 2 images only in yours, 1 only in the shipped list (e.g. x)")
+    assert differ.endswith("train: 2 images only in yours (e.g. x), 1 only in the shipped list (e.g. b)")
 
 
 def test_text_files_with_bom_and_utf16(tmp_path):

@@ -50,6 +50,10 @@ def read_split(path: Path) -> list[str]:
     return names
 
 
+def _example(names: list[str]) -> str:
+    return f" (e.g. {names[0]})" if names else ""
+
+
 def compare_with_shipped(lists: dict[str, list[str]], shipped_dir: Path = SHIPPED_DIR) -> str:
     """One line saying whether VOC's (and SBD's) own split files give the shipped lists."""
     diffs = []
@@ -60,9 +64,8 @@ def compare_with_shipped(lists: dict[str, list[str]], shipped_dir: Path = SHIPPE
         shipped = load_img_name_list(shipped_file)
         only_here, only_shipped = sorted(set(names) - set(shipped)), sorted(set(shipped) - set(names))
         if only_here or only_shipped:
-            example = (only_here or only_shipped)[0]
-            diffs.append(f"{split}: {len(only_here)} images only in yours, {len(only_shipped)} only in the"
-                         f" shipped list (e.g. {example})")
+            diffs.append(f"{split}: {len(only_here)} images only in yours{_example(only_here)},"
+                         f" {len(only_shipped)} only in the shipped list{_example(only_shipped)}")
     if not diffs:
         return f"{', '.join(lists)} match the shipped lists in {shipped_dir}"
     return f"your lists differ from the shipped ones in {shipped_dir}: " + "; ".join(diffs)
