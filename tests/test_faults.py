@@ -25,7 +25,7 @@ import train_SB
 from network import resnet38_aff, resnet38_sb
 from network.resnet38d import load_weights
 from tool.cli import file_system_message
-from tool.fileio import InputError, load_img_name_list
+from tool.fileio import InputError, load_img_name_list, load_scores
 from tool.losses import boundary_loss
 from tool.trainloop import make_train_loader
 from voc12 import sb_map
@@ -198,6 +198,15 @@ def test_large_images_go_through_the_network_at_max_side(voc, tmp_path):
     full = VOC12ClsDatasetMSF(*data, scales=(0.5, 1.0), max_side=0)[0]
     assert [tuple(v.shape[1:]) for v in full["img"]][::2] == [(100, 150), (200, 300)]
     assert infer_SB.get_arg_parser().parse_args(["--weights", "w"]).max_side == 1024
+    weights = tmp_path / "sb.pth"
+    torch.save(resnet38_sb.Net(num_classes=data[3].num_classes, width=0.125).state_dict(), weights)
+    infer_SB.main(["--voc12_root", str(voc), "--label_file", str(voc / "cls_labels.npz"), "--backbone_width",
+                   "0.125", "--infer_list", str(tmp_path / "one.txt"), "--num_workers", "0", "--weights",
+                   str(weights), "--out_cam", str(tmp_path / "cam"), "--out_crf", str(tmp_path / "crf"),
+                   "--max_side", "64", "--crf_workers", "1"])
+    _, cams = load_scores(tmp_path / "cam" / f"{name}.npz")
+    _, crf = load_scores(tmp_path / "crf_4.0" / f"{name}.npz")
+    assert cams.shape[1:] == crf.shape[1:] == (200, 300)  # the outputs come back at full size
 
 
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
