@@ -117,10 +117,11 @@ def test_make_lists_errors(tmp_path):
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     with pytest.raises(InputError, match="split file not found"):
         make_lists.run(make_lists.parse_args(["--voc12_root", str(voc), "--out_dir", str(tmp_path)]))
-    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000032\n")
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("\n")
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("")
-    with pytest.raises(InputError, match="split file lists no image"):
+    with pytest.raises(InputError, match=r"split file lists no image: .*train\.txt"):
         make_lists.run(make_lists.parse_args(["--voc12_root", str(voc), "--out_dir", str(tmp_path)]))
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000032\n")
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("../../etc/passwd\n")
     with pytest.raises(InputError, match="lists '../../etc/passwd': split files name images, not paths"):
         make_lists.run(make_lists.parse_args(["--voc12_root", str(voc), "--out_dir", str(tmp_path)]))

@@ -42,8 +42,6 @@ def read_split(path: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"split file not found: {path}")
     names = [line.split()[0] for line in read_text(path).splitlines() if line.strip()]
-    if not names:
-        raise InputError(f"split file lists no image: {path}")
     bad = next((n for n in names if Path(n).name != n or n in (".", "..")), None)
     if bad is not None:
         raise InputError(f"{path} lists '{bad}': split files name images, not paths")
@@ -149,6 +147,10 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         sbd_dir = sbd_dataset_dir(args.sbd_root)
         sbd = set(read_split(sbd_dir / "train.txt")) | set(read_split(sbd_dir / "val.txt"))
         lists["train_aug"] = sorted((set(lists["train"]) | sbd) - set(lists["val"]))
+    if not lists["train"]:
+        raise InputError(f"split file lists no image: {voc12_root / SPLIT_FOLDER / 'train.txt'}")
+    for split in (split for split, split_names in lists.items() if not split_names):
+        print(f"warning: the {split} list is empty")
     if args.dataset_classes is None:
         print(compare_with_shipped(lists))
     names = sorted({n for split in lists.values() for n in split})
