@@ -136,13 +136,14 @@ def load_released_dict(path: Path) -> dict:
 
 
 def is_released_crf_dict(data: dict) -> bool:
-    """True for a released CRF dict: it holds the background (key 0) and its maps are probabilities
-    that sum to 1 at every pixel. A released CAM dict counts object classes from 0, so key 0 there is
-    the first object class, and its min-max normalised maps do not sum to 1."""
+    """True for a released CRF dict: it holds the background (key 0) and its maps are the dense
+    CRF's probabilities, positive everywhere and summing to 1 at every pixel. A released CAM dict
+    counts object classes from 0, so key 0 there is the first object class; its min-max normalised
+    maps reach 0 (the released normalisation zeroes each map's minimum)."""
     if 0 not in data:
         return False
-    total = sum(np.asarray(m, dtype=np.float64) for m in data.values())
-    return bool(np.allclose(total, 1.0, atol=1e-3))
+    maps = [np.asarray(m, dtype=np.float64) for m in data.values()]
+    return all((m > 0).all() for m in maps) and bool(np.allclose(sum(maps), 1.0, atol=1e-3))
 
 
 def is_valid_scores(path: str | Path) -> bool:
