@@ -156,15 +156,15 @@ def test_training_epoch_trains_and_resumes(script: str, device: str, mode: str, 
     run_in_process(script, [*argv, "--session_name", str(tmp_path / "straight")])
     steps_per_epoch = TRAIN_IMAGES[device.split(":")[0]] // 2
     run_in_process(script, [*argv, "--session_name", str(tmp_path / "resumed")], stop_at=steps_per_epoch + 1)
-    stopped = torch.load(tmp_path / "resumed.ckpt", weights_only=True)
+    stopped = torch.load(tmp_path / "resumed.ckpt", map_location="cpu", weights_only=True)
     assert (stopped["epoch"], stopped["extra"]["batch"]) == (1, 1)  # stopped in the middle of epoch 2
     run_in_process(script, [*argv, "--session_name", str(tmp_path / "resumed"), "--resume"])
 
     losses = logged_losses(tmp_path / "straight.log")
     assert len(losses) == 2 * steps_per_epoch and np.isfinite(losses).all()
     assert len(logged_losses(tmp_path / "resumed.log")) == 2 * steps_per_epoch
-    straight = torch.load(tmp_path / "straight.pth", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed.pth", weights_only=True)
+    straight = torch.load(tmp_path / "straight.pth", map_location="cpu", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed.pth", map_location="cpu", weights_only=True)
     trained = check_trained(straight, init)
     check_trained(resumed, init)
     drift = largest_difference(resumed, straight, trained)
@@ -173,7 +173,7 @@ def test_training_epoch_trains_and_resumes(script: str, device: str, mode: str, 
     else:
         assert drift <= 0.01 * largest_difference(straight, init, trained)
 
-    ckpt = torch.load(tmp_path / "straight.ckpt", weights_only=True)
+    ckpt = torch.load(tmp_path / "straight.ckpt", map_location="cpu", weights_only=True)
     scaler = ckpt["extra"]["scaler"]
     amp_on = "amp" in mode and device != "cpu"
     assert bool(scaler) == amp_on and (not amp_on or scaler["scale"] > 0)
@@ -232,7 +232,7 @@ def test_dataparallel_over_the_visible_gpus(script: str, tiny_voc: Path, gt_inpu
     run_in_process(script, argv)
     assert isinstance(wrapped[0], torch.nn.DataParallel) and len(wrapped[0].device_ids) == GPU_COUNT
     assert np.isfinite(logged_losses(tmp_path / "dp.log")).all()
-    check_trained(torch.load(tmp_path / "dp.pth", weights_only=True), init)
+    check_trained(torch.load(tmp_path / "dp.pth", map_location="cpu", weights_only=True), init)
 
 
 def torchrun_train(script: str, device: str, nproc: int, tiny_voc: Path, gt: dict[str, Path], work: Path) -> str:
@@ -256,7 +256,7 @@ def test_torchrun_ranks_end_identical(script: str, device: str, tiny_voc: Path, 
     output = torchrun_train(script, device, nproc, tiny_voc, gt_inputs, tmp_path)
     assert f"weights identical on all {nproc} ranks" in output
     assert np.isfinite(logged_losses(tmp_path / "ddp.log")).all()
-    check_trained(torch.load(tmp_path / "ddp.pth", weights_only=True), init)
+    check_trained(torch.load(tmp_path / "ddp.pth", map_location="cpu", weights_only=True), init)
 
 
 @contextlib.contextmanager
