@@ -23,7 +23,7 @@ from network import resnet38_sb
 from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_infer_args, add_model_args, add_sb_model_args, run_main
 from tool.crf import crf_with_alpha
-from tool.distributed import DistInfo, die_with_parent, distributed_session, shard
+from tool.distributed import DistInfo, die_with_parent, distributed_session, memory_format, shard
 from tool.fileio import InputError, is_valid_scores, save_label_png, save_scores
 from tool.logutils import progress, setup_logging
 from voc12.classes import load_classes
@@ -60,13 +60,14 @@ def crf_dir(prefix: str, alpha: float) -> Path:
 
 @torch.no_grad()
 def multiscale_cam(model: torch.nn.Module, imgs: list[torch.Tensor], label: torch.Tensor,
-                   size: tuple[int, int], device: torch.device) -> np.ndarray:
+                   size: tuple[int, int], device: torch.device,
+                   layout: torch.memory_format = torch.contiguous_format) -> np.ndarray:
     """Sum of the foreground cam_rv over scales and flips, ReLU, per-class min-max normalised
     (the released formula), times the image label: ``(num_fg, H, W)`` float32."""
     total = torch.zeros((label.numel(), *size), device=device)
     for i in range(0, len(imgs), 2):
         # A scale and its flip go through the network as one batch of two.
-        batch = torch.stack([imgs[i], imgs[i + 1]]).to(device)
+        batch = torch.stack([imgs[i], imgs[i + 1]]).to(device, memory_format=layout)
         _, cam_rv, _ = model(batch, with_edge=False)
         cam = F.interpolate(cam_rv[:, 1:], size, mode="bilinear", align_corners=False)
         total += cam[0] + cam[1].flip(-1)
@@ -100,9 +101,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
     model = resnet38_sb.Net(num_classes=classes.num_classes, width=args.backbone_width,
                             canny_on_rgb=args.canny_on_rgb)
     load_weights(model, args.weights, strict=True)
-    model = model.to(info.device).eval()
-    if args.channels_last and info.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    layout = memory_format(args.channels_last, info.device)
+    model = model.to(info.device, memory_format=layout).eval()
 
     dataset = VOC12ClsDatasetMSF(args.infer_list, args.voc12_root,
                                  args.label_file or default_label_file(args.infer_list), classes, scales=SCALES,
@@ -119,7 +119,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
         for pack in progress(loader, info, desc="infer_SB"):
             name = pack["name"]
             with torch.autocast("cuda", enabled=use_amp):
-                norm_cam = multiscale_cam(model, pack["img"], pack["label"], tuple(pack["size"]), info.device)
+                norm_cam = multiscale_cam(model, pack["img"], pack["label"], tuple(pack["size"]), info.device,
+                                          layout)
             present = np.nonzero(pack["label"].numpy() > 1e-5)[0]
             labels, cams = present + 1, norm_cam[present]
             if args.out_cam:

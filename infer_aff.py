@@ -19,7 +19,7 @@ from network import resnet38_aff
 from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_infer_args, add_model_args, run_main, str2bool
 from tool.crf import background_score, crf_inference
-from tool.distributed import DistInfo, distributed_session, shard
+from tool.distributed import DistInfo, distributed_session, memory_format, shard
 from tool.fileio import InputError, find_array_file, load_scores, save_label_png
 from tool.logutils import progress, setup_logging
 from tool.randomwalk import propagate
@@ -60,13 +60,16 @@ def cam_with_background(cam_file: Path, size: tuple[int, int], num_classes: int,
 @torch.no_grad()
 def random_walk(model: torch.nn.Module, img: torch.Tensor, scores: np.ndarray, args: argparse.Namespace,
                 device: torch.device) -> torch.Tensor:
-    """Walk scores at 1/8 resolution, upsampled to the padded image: ``(C, Hp, Wp)``."""
+    """Walk scores at 1/8 resolution, upsampled to the padded image: ``(C, Hp, Wp)``. With ``--amp``
+    AffinityNet runs in mixed precision; its affinities (an exp, autocast's float32) and the walk
+    stay in the scores' precision."""
     h, w = img.shape[-2:]
     pad_h, pad_w = -h % FEATURE_STRIDE, -w % FEATURE_STRIDE
-    img = F.pad(img[None], (0, pad_w, 0, pad_h)).to(device)
+    img = F.pad(img[None], (0, pad_w, 0, pad_h)).to(device, memory_format=memory_format(args.channels_last, device))
     cam = F.pad(torch.from_numpy(scores), (0, pad_w, 0, pad_h))
     cam = F.avg_pool2d(cam, FEATURE_STRIDE, FEATURE_STRIDE).to(device)
-    aff = model(img)[0]
+    with torch.autocast(device.type, enabled=args.amp and device.type == "cuda"):
+        aff = model(img)[0]
     walked = propagate(cam, aff, beta=args.beta, logt=args.logt, radius=args.radius)
     return F.interpolate(walked[None], img.shape[-2:], mode="bilinear", align_corners=False)[0]
 
@@ -76,7 +79,7 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
     classes = load_classes(args.dataset_classes)
     model = resnet38_aff.Net(width=args.backbone_width, radius=args.radius)
     load_weights(model, args.weights, strict=True)
-    model = model.to(info.device).eval()
+    model = model.to(info.device, memory_format=memory_format(args.channels_last, info.device)).eval()
 
     dataset = VOC12ImageDataset(args.infer_list, args.voc12_root, normalize=True)
     out_dir = Path(args.out_rw)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from network import resnet38_sb
 from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_model_args, add_sb_model_args, add_train_args, run_main
-from tool.distributed import DistInfo, distributed_session, wrap_model
+from tool.distributed import DistInfo, distributed_session, memory_format, wrap_model
 from tool.logutils import setup_logging
 from tool.losses import sb_step_loss
 from tool.trainloop import fit, make_poly_optimizer, make_train_loader, resume_state
@@ -78,17 +78,17 @@ def train(args: argparse.Namespace, info: DistInfo) -> Path:
         seed=args.seed)
     sampler, loader = make_train_loader(dataset, args, info)
     optimizer = make_poly_optimizer(model, args, sampler)
-    start = resume_state(args, model, optimizer)
     model.train()  # freezes layers: DistributedDataParallel must see their requires_grad=False
-    model = model.to(info.device)
-    if args.channels_last and info.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    layout = memory_format(args.channels_last, info.device)
+    model = model.to(info.device, memory_format=layout)
+    # After the move: the optimiser state loads onto its parameters' device.
+    start = resume_state(args, model, optimizer)
     views = wrap_model(TwoViews(model), info)
 
     def step_fn(two_views: torch.nn.Module, pack: dict):
         label = pack["label"].to(info.device, non_blocking=True)
         sb_map = pack["sb_map"].to(info.device, non_blocking=True) if use_sb_maps else None
-        out1, out2 = two_views(pack["img"].to(info.device, non_blocking=True))
+        out1, out2 = two_views(pack["img"].to(info.device, non_blocking=True, memory_format=layout))
         losses = sb_step_loss(out1, out2, label, sb_map, scale=VIEW2_SCALE,
                               boundary_weight=args.boundary_weight, smooth_weight=args.smooth_weight)
         return losses, out1

@@ -15,7 +15,7 @@ import torch
 from network import resnet38_aff
 from network.resnet38d import load_weights
 from tool.cli import add_data_args, add_model_args, add_train_args, run_main
-from tool.distributed import DistInfo, distributed_session, wrap_model
+from tool.distributed import DistInfo, distributed_session, memory_format, wrap_model
 from tool.logutils import setup_logging
 from tool.losses import affinity_loss
 from tool.trainloop import fit, make_poly_optimizer, make_train_loader, resume_state
@@ -47,12 +47,15 @@ def train(args: argparse.Namespace, info: DistInfo) -> Path:
                               allow_pickle=args.allow_pickle)
     sampler, loader = make_train_loader(dataset, args, info)
     optimizer = make_poly_optimizer(model, args, sampler)
-    start = resume_state(args, model, optimizer)
     model.train()  # freezes layers: DistributedDataParallel must see their requires_grad=False
-    model = wrap_model(model.to(info.device), info)
+    layout = memory_format(args.channels_last, info.device)
+    model = model.to(info.device, memory_format=layout)
+    # After the move: the optimiser state loads onto its parameters' device.
+    start = resume_state(args, model, optimizer)
+    model = wrap_model(model, info)
 
     def step_fn(net: torch.nn.Module, pack: dict):
-        aff = net(pack["img"].to(info.device, non_blocking=True))
+        aff = net(pack["img"].to(info.device, non_blocking=True, memory_format=layout))
         labels = [pack[k].to(info.device, non_blocking=True) for k in ("aff_bg", "aff_fg", "aff_neg")]
         return affinity_loss(aff, *labels), aff
 

@@ -109,6 +109,13 @@ def wrap_model(model: nn.Module, info: DistInfo, find_unused_parameters: bool = 
     return model
 
 
+def memory_format(channels_last: bool, device: torch.device) -> torch.memory_format:
+    """The layout of weights and inputs: channels-last on CUDA when asked (``--channels_last``),
+    else contiguous. Not on the CPU: torch 2.14's oneDNN corrupts the heap in the weight gradient
+    of a strided 1x1 convolution in channels-last (ResNet-38's shortcuts)."""
+    return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare module inside DDP, DataParallel or torch.compile wrappers (what checkpoints hold)."""
     while True:

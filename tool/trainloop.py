@@ -149,6 +149,8 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
     tb = TBWriter(args.tblog_dir, info)
     meter = AverageMeter()
     use_amp = args.amp and info.device.type == "cuda"
+    if args.amp and not use_amp:
+        logger.warning("--amp has no effect on %s: training in float32", info.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     max_step = sampler.batches_per_epoch() * args.max_epoches
     start = start or {"epoch": 0, "batch": 0}
