@@ -5,7 +5,7 @@ and evaluation of 81 classes over many masks against the released per-class coun
     .venv/bin/python bench/bench_coco_prepare.py --part eval        # 81 classes, 500 and 4000 masks
 
 prepare: a synthetic COCO (coco14.synthetic) of 640x480 images with 3 to 10 instances each (COCO
-averages 7.3) in the three segmentation forms; each size runs coco14.prepare in a fresh process
+averages 7.7) in the three segmentation forms; each size runs coco14.prepare in a fresh process
 that reports its time, its own peak RSS (VmHWM) and the largest peak RSS of its worker processes.
 eval: 640x480 ground truths of 81 classes (2 to 6 objects, a 255 band on their outlines) and
 predictions; evaluation.evaluate_confusions in a fresh process per size (time, peak RSS of the
