@@ -15,22 +15,19 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-COCO_CATEGORIES = (
-    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"), (7, "train"),
-    (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"), (13, "stop sign"),
-    (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"), (18, "dog"), (19, "horse"), (20, "sheep"),
-    (21, "cow"), (22, "elephant"), (23, "bear"), (24, "zebra"), (25, "giraffe"), (27, "backpack"),
-    (28, "umbrella"), (31, "handbag"), (32, "tie"), (33, "suitcase"), (34, "frisbee"), (35, "skis"),
-    (36, "snowboard"), (37, "sports ball"), (38, "kite"), (39, "baseball bat"), (40, "baseball glove"),
-    (41, "skateboard"), (42, "surfboard"), (43, "tennis racket"), (44, "bottle"), (46, "wine glass"),
-    (47, "cup"), (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"), (52, "banana"), (53, "apple"),
-    (54, "sandwich"), (55, "orange"), (56, "broccoli"), (57, "carrot"), (58, "hot dog"), (59, "pizza"),
-    (60, "donut"), (61, "cake"), (62, "chair"), (63, "couch"), (64, "potted plant"), (65, "bed"),
-    (67, "dining table"), (70, "toilet"), (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"),
-    (76, "keyboard"), (77, "cell phone"), (78, "microwave"), (79, "oven"), (80, "toaster"), (81, "sink"),
-    (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"), (87, "scissors"), (88, "teddy bear"),
-    (89, "hair drier"), (90, "toothbrush"),
+COCO_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
 )
+COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)  # ids 1..90 that name no category
+COCO_CATEGORIES = tuple(zip((i for i in range(1, 91) if i not in COCO_UNUSED_IDS), COCO_NAMES, strict=True))
 SCENE_CATEGORIES = (1, 3, 7, 18, 44, 90)  # the random scenes draw from a few, so classes recur
 
 
@@ -84,12 +81,12 @@ def _split(split: str, first_id: int, num_random: int, size: tuple[int, int], in
     # order; a crowd of persons (compressed RLE) under both; a two-part polygon bottle (44).
     add_image([(7, [polygon(30, 30, 8, 4, np.pi / 4)], False),
                (1, [polygon(30, 30, 22, 12)], False),
-               (1, compressed_rle(box(h, w, 0, 0, 20, 80)), True),
+               (1, compressed_rle(box(h, w, 0, 0, 18, 80)), True),
                (44, [polygon(68, 50, 5, 6), polygon(68, 12, 4, 5)], False)])
     # Two instances of equal area overlapping (uncompressed and compressed RLE): the later on top;
     # a crowd region given as uncompressed RLE.
     add_image([(90, uncompressed_rle(box(h, w, 10, 10, 30, 40)), False),
-               (44, compressed_rle(box(h, w, 20, 25, 40, 55)), False),
+               (44, compressed_rle(box(h, w, 22, 25, 42, 55)), False),
                (7, uncompressed_rle(box(h, w, 45, 0, 64, 30)), True)])
     add_image([])  # no annotation
     add_image([(1, compressed_rle(box(h, w, 5, 5, 50, 60)), True)])  # a crowd region only
