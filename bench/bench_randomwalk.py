@@ -103,14 +103,6 @@ def speed(beta: float, logt: int) -> dict:
     }
 
 
-def rss_kib(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def memory_probe(method: str, image_side: int, beta: float, logt: int) -> dict:
     """Peak RSS growth of one walk on a square image (run in a fresh process, Linux). Memory does
     not depend on the values, so the inputs are uniform noise made without temporaries."""
@@ -121,12 +113,12 @@ def memory_probe(method: str, image_side: int, beta: float, logt: int) -> dict:
     cam = torch.rand(VOC.num_classes, *size)
     aff = torch.rand(len(search_offsets(radius)), num_sources)
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-    before = rss_kib("VmRSS")
+    before = benchutil.rss_kib("VmRSS")
     if method == "ours":
         propagate(cam, aff, beta, logt)
     else:
         released_walk(cam, aff, beta, logt)
-    growth_kib = rss_kib("VmHWM") - before
+    growth_kib = benchutil.rss_kib("VmHWM") - before
     area = size[0] * size[1]
     mib = 2 ** 20
     return {"method": method, "image": image_side, "positions": area,

@@ -38,6 +38,14 @@ def best_times(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, tupl
     return best
 
 
+def rss_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def machine() -> str:
     """CPU model and core count, as ``lscpu`` reports them."""
     try:

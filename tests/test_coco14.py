@@ -1,0 +1,236 @@
+"""coco14.prepare on a small COCO in the official format: masks against pycocotools' own annToMask,
+lists, labels, classes, links, resume, refusals; then every stage on the prepared dataset."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+import evaluation
+import infer_aff
+import infer_SB
+import train_aff
+import train_SB
+from coco14 import prepare
+from coco14.synthetic import COCO_CATEGORIES, make_synthetic_coco
+from tool.fileio import load_img_name_list, load_label_png
+from voc12 import sb_map
+from voc12.classes import load_classes
+from voc12.data import load_image_labels, read_image
+
+NUM_TRAIN, NUM_VAL = 10, 7  # 4 hand-made images and 6 / 3 random scenes
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    return make_synthetic_coco(tmp_path_factory.mktemp("coco") / "COCO")
+
+
+@pytest.fixture(scope="module")
+def prepared(coco: Path) -> tuple[Path, dict]:
+    out = coco.parent / "COCO14"
+    return out, prepare.main(["--coco_root", str(coco), "--out_root", str(out), "--num_workers", "2"])
+
+
+def expected_mask(coco: COCO, image_id: int) -> np.ndarray:
+    """The documented rule from pycocotools' annToMask: crowd 255 first, then instances by
+    decreasing pixel count, equal counts in annotation order (later on top)."""
+    img = coco.imgs[image_id]
+    label_of = {cat_id: k + 1 for k, cat_id in enumerate(sorted(coco.cats))}
+    mask = np.zeros((img["height"], img["width"]), np.uint8)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+    for ann in anns:
+        if ann["iscrowd"]:
+            mask[coco.annToMask(ann) == 1] = 255
+    objects = [(coco.annToMask(ann), label_of[ann["category_id"]]) for ann in anns if not ann["iscrowd"]]
+    areas = [int(m.astype(np.int64).sum()) for m, _ in objects]
+    for k in sorted(range(len(objects)), key=lambda k: (-areas[k], k)):
+        mask[objects[k][0] == 1] = objects[k][1]
+    return mask
+
+
+def test_masks_match_pycocotools(coco: Path, prepared):
+    out, summary = prepared
+    assert summary["images"] == {"train": NUM_TRAIN, "val": NUM_VAL}
+    for split in ("train", "val"):
+        index = COCO(str(coco / "annotations" / f"instances_{split}2014.json"))
+        assert summary["written"][split] == len(index.imgs)
+        for image_id, img in index.imgs.items():
+            ours = Image.open(out / "SegmentationClass" / img["file_name"].replace(".jpg", ".png"))
+            assert ours.mode == "P"
+            np.testing.assert_array_equal(np.asarray(ours), expected_mask(index, image_id), img["file_name"])
+
+
+def test_overlap_crowd_and_sparse_ids_by_hand(prepared):
+    out, _ = prepared
+    first, second, empty, crowd_only = (load_label_png(out / "SegmentationClass" / f"COCO_train2014_{i:012d}.png")
+                                        for i in (9, 10, 11, 12))
+    person, train, bottle, toothbrush = 1, 7, 40, 80  # COCO ids 1, 7, 44, 90
+    assert first[30, 30] == train  # the small train over the large person, though listed first
+    assert first[30, 45] == person and first[10, 30] == person  # the person inside the crowd region
+    assert first[2, 2] == 255 and first[60, 2] == 0
+    assert first[50, 68] == bottle and first[12, 68] == bottle  # both parts of the polygon
+    assert second[25, 30] == bottle  # equal areas: the later on top
+    assert second[15, 15] == toothbrush and second[50, 10] == 255
+    assert not empty.any()
+    assert set(np.unique(crowd_only)) == {0, 255}
+
+
+def test_lists_labels_classes_and_links(coco: Path, prepared):
+    out, summary = prepared
+    classes = load_classes(out / "classes.txt")
+    assert classes.names == tuple(name for _, name in COCO_CATEGORIES) and classes.num_classes == 81
+    assert summary["unlabeled"] == {"train": 2, "val": 2}  # no annotation; a crowd region only
+    for split, num in (("train", NUM_TRAIN), ("val", NUM_VAL)):
+        index = COCO(str(coco / "annotations" / f"instances_{split}2014.json"))
+        every = sorted(Path(img["file_name"]).stem for img in index.imgs.values())
+        assert (out / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split() == every
+        labelled = load_img_name_list(out / f"{split}.txt")
+        assert len(labelled) == num - 2
+        lines = (out / f"{split}.txt").read_text().splitlines()
+        assert lines[0] == f"/JPEGImages/{labelled[0]}.jpg /SegmentationClassAug/{labelled[0]}.png"
+        labels = load_image_labels(out / "cls_labels.npz", labelled, 80)
+        sorted_ids = sorted(index.cats)
+        for name, label in zip(labelled, labels, strict=True):
+            image_id = next(i for i, img in index.imgs.items() if img["file_name"] == f"{name}.jpg")
+            cats = {a["category_id"] for a in index.loadAnns(index.getAnnIds(imgIds=[image_id])) if not a["iscrowd"]}
+            assert np.flatnonzero(label).tolist() == sorted(sorted_ids.index(c) for c in cats)
+        with_objects = {Path(index.imgs[a["image_id"]]["file_name"]).stem for a in index.dataset["annotations"]
+                        if not a["iscrowd"]}
+        assert labelled == sorted(with_objects)
+        for name in every:
+            link = out / "JPEGImages" / f"{name}.jpg"
+            assert link.is_symlink() and link.resolve() == (coco / f"{split}2014" / f"{name}.jpg").resolve()
+
+
+def test_greyscale_jpeg_reads_as_rgb(coco: Path, prepared):
+    out, _ = prepared
+    name = "COCO_train2014_000000000009"
+    assert Image.open(coco / "train2014" / f"{name}.jpg").mode == "L"
+    rgb = read_image(out / "JPEGImages" / f"{name}.jpg")
+    grey = np.asarray(Image.open(coco / "train2014" / f"{name}.jpg"))
+    assert rgb.shape == (*grey.shape, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], grey)
+
+
+def test_resume_keeps_finished_masks_and_refuses_other_annotations(coco: Path, prepared, tmp_path: Path, capsys):
+    out, _ = prepared
+    copy = Path(shutil.copytree(out, tmp_path / "COCO14", symlinks=True))
+    masks = sorted((copy / "SegmentationClass").glob("*.png"))
+    removed = masks[::3]
+    for path in removed:  # the state a kill leaves: finished masks, missing ones, a writer's temporary
+        path.unlink()
+    (copy / "SegmentationClass" / f".{removed[0].name}.abc.tmp.png").write_bytes(b"half")
+    os.utime(masks[1], ns=(1, 1))
+    argv = ["--coco_root", str(coco), "--out_root", str(copy), "--num_workers", "0"]
+    summary = prepare.main(argv)
+    assert sum(summary["written"].values()) == len(removed)
+    assert masks[1].stat().st_mtime_ns == 1  # kept, not rewritten
+    for path in masks:
+        np.testing.assert_array_equal(load_label_png(path), load_label_png(out / "SegmentationClass" / path.name))
+
+    ann_path = coco.parent / "edited" / "annotations" / "instances_val2014.json"
+    edited = Path(shutil.copytree(coco, coco.parent / "edited", symlinks=True))
+    data = json.loads(ann_path.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 1]
+    ann_path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit):
+        prepare.main(["--coco_root", str(edited), "--out_root", str(copy), "--num_workers", "0"])
+    assert "masks made from another instances_val2014.json; pass --overwrite" in capsys.readouterr().err
+    summary = prepare.main(["--coco_root", str(edited), "--out_root", str(copy), "--num_workers", "0", "--overwrite"])
+    assert summary["written"] == {"train": NUM_TRAIN, "val": NUM_VAL}
+    index = COCO(str(ann_path))
+    for image_id, img in index.imgs.items():
+        np.testing.assert_array_equal(load_label_png(copy / "SegmentationClass" / img["file_name"].replace(
+            ".jpg", ".png")), expected_mask(index, image_id))
+
+
+def one_line_error(capsys, argv: list[str], match: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        prepare.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+@pytest.mark.parametrize(("breakage", "match"), [
+    ("no_val_folder", "val2014 not found; expected COCO's layout"),
+    ("no_annotations", "instances_train2014.json not found"),
+    ("not_json", "is not JSON"),
+    ("captions", "is not a COCO instances file: an annotation lacks one of"),
+    ("list", "is not a COCO instances file: its top level is a list"),
+    ("unknown_category", "has category 12, which 'categories' does not name"),
+    ("missing_image", "images of instances_val2014.json are not in"),
+])
+def test_refusals(coco: Path, tmp_path: Path, capsys, breakage: str, match: str):
+    root = Path(shutil.copytree(coco, tmp_path / "COCO"))
+    train_json, val_json = (root / "annotations" / f"instances_{s}2014.json" for s in ("train", "val"))
+    if breakage == "no_val_folder":
+        shutil.rmtree(root / "val2014")
+    elif breakage == "no_annotations":
+        train_json.unlink()
+    elif breakage == "not_json":
+        train_json.write_text("{'images': []")
+    elif breakage == "captions":
+        data = json.loads(train_json.read_text())
+        data["annotations"] = [{"image_id": a["image_id"], "id": a["id"], "caption": "a cat"}
+                               for a in data["annotations"]]
+        train_json.write_text(json.dumps(data))
+    elif breakage == "list":
+        train_json.write_text("[]")
+    elif breakage == "unknown_category":
+        data = json.loads(train_json.read_text())
+        data["annotations"][0]["category_id"] = 12
+        train_json.write_text(json.dumps(data))
+    elif breakage == "missing_image":
+        next((root / "val2014").glob("*.jpg")).unlink()
+    one_line_error(capsys, ["--coco_root", str(root), "--out_root", str(tmp_path / "out"), "--num_workers", "0"],
+                   match)
+    one_line_error(capsys, ["--coco_root", str(tmp_path / "nowhere"), "--out_root", str(tmp_path / "out")],
+                   "COCO folder not found")
+
+
+TINY = ["--backbone_width", "0.125", "--train_bn", "--crop_size", "64", "--batch_size", "2", "--num_workers", "0",
+        "--max_epoches", "1", "--log_every", "1"]
+
+
+def test_every_stage_runs_on_the_prepared_dataset(prepared, tmp_path: Path):
+    out, _ = prepared
+    work = tmp_path
+    train = work / "train4.txt"  # 4 of the labelled images: 2 steps of batch 2, seconds per stage
+    train.write_text("".join(line + "\n" for line in (out / "train.txt").read_text().splitlines()[:4]))
+    data = ["--voc12_root", str(out), "--dataset_classes", str(out / "classes.txt")]
+    labelled = [*data, "--label_file", str(out / "cls_labels.npz")]
+    sb = [*labelled, *TINY, "--train_list", train, "--resize_long", "56", "80", "--tblog_dir", str(work / "tb")]
+    infer = [*labelled, "--backbone_width", "0.125", "--num_workers", "0", "--infer_list", train]
+
+    def stage(module, *argv) -> object:
+        return module.run(module.get_arg_parser().parse_args([str(a) for a in argv]))
+
+    stage(train_SB, *sb, "--session_name", work / "r1", "--boundary_weight", "0", "--smooth_weight", "0")
+    stage(infer_SB, *infer, "--crf_workers", "1", "--weights", work / "r1.pth", "--out_crf", work / "r1crf")
+    stage(sb_map, *data, "--list", train, "--crf_dir", work / "r1crf_4.0", "--out_dir", work / "sb_map",
+          "--num_workers", "0")
+    stage(train_SB, *sb, "--session_name", work / "sb", "--sb_map_dir", work / "sb_map")
+    stage(infer_SB, *infer, "--crf_workers", "1", "--weights", work / "sb.pth", "--out_cam", work / "cam",
+          "--out_crf", work / "crf")
+    stage(train_aff, *labelled, *TINY, "--train_list", train, "--session_name", work / "aff", "--la_crf_dir",
+          work / "crf_4.0", "--ha_crf_dir", work / "crf_24.0", "--tblog_dir", work / "tb_aff")
+    stage(infer_aff, *infer, "--weights", work / "aff.pth", "--cam_dir", work / "cam", "--out_rw", work / "rw")
+    result = stage(evaluation, "--list", train, "--predict_dir", work / "rw", "--gt_dir", out / "SegmentationClass",
+                   "--type", "png", "--comment", "coco rw", "--logfile", work / "evallog.txt", "--dataset_classes",
+                   out / "classes.txt", "--num_workers", "1")
+    names = load_img_name_list(train)
+    labels = load_image_labels(out / "cls_labels.npz", names, 80)
+    for name, label in zip(names, labels, strict=True):
+        pred = load_label_png(work / "rw" / f"{name}.png")
+        assert pred.shape == load_label_png(out / "SegmentationClass" / f"{name}.png").shape
+        assert set(np.unique(pred).tolist()) <= {0, *(np.flatnonzero(label) + 1).tolist()}
+    assert len(result) == 82 and "toothbrush" in result and 0 <= result["mIoU"] <= 100
