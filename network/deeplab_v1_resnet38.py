@@ -2,7 +2,7 @@
 (YudeWang/semantic-segmentation-codebase, ``deeplabv1`` with backbone ``resnet38``).
 
 Names: the backbone under ``backbone.`` (our ResNet-38 names), then ``conv_fov`` (3x3, dilation
-12, 512, no bias), ``bn_fov``, ``conv_fov2`` (1x1, 512, no bias), ``bn_fov2``, dropout 0.5,
+12, 512 x the backbone width, no bias), ``bn_fov``, ``conv_fov2`` (1x1, same width, no bias), ``bn_fov2``, dropout 0.5,
 ``cls_conv`` (1x1 with bias); the logits are upsampled (bilinear, align_corners True) to the
 input size. Input: RGB with the ImageNet normalisation (:class:`network.resnet38d.Normalize`).
 """
@@ -36,13 +36,13 @@ class Net(nn.Module):
         super().__init__()
         self.backbone = resnet38d.Net(width, freeze_bn)
         in_ch = self.backbone.channels["conv7"]
-        self.conv_fov = nn.Conv2d(in_ch, HEAD_CHANNELS, 3, 1, padding=FOV_DILATION, dilation=FOV_DILATION,
-                                  bias=False)
-        self.bn_fov = nn.BatchNorm2d(HEAD_CHANNELS, momentum=head_bn_momentum)
-        self.conv_fov2 = nn.Conv2d(HEAD_CHANNELS, HEAD_CHANNELS, 1, bias=False)
-        self.bn_fov2 = nn.BatchNorm2d(HEAD_CHANNELS, momentum=head_bn_momentum)
+        head_ch = max(1, round(HEAD_CHANNELS * width))
+        self.conv_fov = nn.Conv2d(in_ch, head_ch, 3, 1, padding=FOV_DILATION, dilation=FOV_DILATION, bias=False)
+        self.bn_fov = nn.BatchNorm2d(head_ch, momentum=head_bn_momentum)
+        self.conv_fov2 = nn.Conv2d(head_ch, head_ch, 1, bias=False)
+        self.bn_fov2 = nn.BatchNorm2d(head_ch, momentum=head_bn_momentum)
         self.dropout1 = nn.Dropout(0.5)
-        self.cls_conv = nn.Conv2d(HEAD_CHANNELS, num_classes, 1)
+        self.cls_conv = nn.Conv2d(head_ch, num_classes, 1)
         for conv in (self.conv_fov, self.conv_fov2, self.cls_conv):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         self.from_scratch_layers = [self.conv_fov, self.conv_fov2, self.cls_conv]
