@@ -8,6 +8,7 @@ reproduce the released train_SB.py / train_aff.py computations in value and grad
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -215,12 +216,22 @@ def sb_step_loss(out1: tuple, out2: tuple, label: torch.Tensor, sb_map: torch.Te
             "loss_boundary": loss_boundary, "loss_smooth": loss_smooth}
 
 
+def _pil_nearest_index(n_out: int, n_in: int) -> torch.Tensor:
+    """Source indices of PIL's nearest resize (``ImagingScaleAffine``): floor((i + 0.5) * n_in / n_out),
+    the position summed step by step in float64 as PIL's loop does (which decides the ties)."""
+    step = n_in / n_out
+    pos = np.cumsum(np.concatenate([[step * 0.5], np.full(n_out - 1, step)]))
+    return torch.from_numpy(np.minimum(pos.astype(np.int64), n_in - 1))
+
+
 def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """An ``(N, H, W)`` label map resized by nearest neighbour with PIL's rule (source pixel
-    floor((i + 0.5) * in / out)), as deeplab-pytorch resizes labels to each output."""
+    """An ``(N, H, W)`` label map resized by nearest neighbour exactly as PIL's ``Image.NEAREST``,
+    which deeplab-pytorch uses to fit the labels to each output."""
     if tuple(label.shape[-2:]) == tuple(size):
         return label.long()
-    return F.interpolate(label[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
+    rows = _pil_nearest_index(size[0], label.shape[-2]).to(label.device)
+    cols = _pil_nearest_index(size[1], label.shape[-1]).to(label.device)
+    return label.long()[:, rows[:, None], cols[None, :]]
 
 
 def balanced_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
