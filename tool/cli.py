@@ -62,12 +62,14 @@ def add_sb_model_args(parser: argparse.ArgumentParser) -> None:
                         help="Canny on the real RGB image (the released code runs it on the normalised tensor)")
 
 
-def add_train_args(parser: argparse.ArgumentParser, *, session_name: str, max_epoches: int,
+def add_train_args(parser: argparse.ArgumentParser, *, session_name: str, max_epoches: int | None,
                    crop_size: int = 448) -> None:
-    """The released training flags plus resume, seeding and logging."""
+    """The released training flags plus resume, seeding and logging (``max_epoches=None``: a
+    script that counts iterations instead)."""
     g = parser.add_argument_group("training")
     g.add_argument("--batch_size", default=8, type=int, help="global batch, split over GPUs/ranks")
-    g.add_argument("--max_epoches", default=max_epoches, type=int)
+    if max_epoches is not None:
+        g.add_argument("--max_epoches", default=max_epoches, type=int)
     g.add_argument("--lr", default=0.01, type=float)
     g.add_argument("--wt_dec", default=5e-4, type=float)
     g.add_argument("--momentum", default=None, type=float,
@@ -85,6 +87,16 @@ def add_train_args(parser: argparse.ArgumentParser, *, session_name: str, max_ep
                    help="let BatchNorm train (needed from random init; the paper freezes it)")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="go on past images (or CRF files) that do not read, with a warning naming each")
+
+
+def add_seg_model_args(parser: argparse.ArgumentParser) -> None:
+    """The segmentation network, which training and inference must agree on."""
+    g = parser.add_argument_group("segmentation network")
+    g.add_argument("--seg_backbone", default="resnet101", choices=("resnet101", "resnet38"),
+                   help="resnet101: DeepLab-v2 MSC (the paper); resnet38: DeepLab-v1 LargeFOV (SEAM's codebase)")
+    g.add_argument("--seg_input", default=None, choices=("caffe", "imagenet"),
+                   help="input normalisation: caffe = BGR minus the mean (resnet101 default), imagenet = "
+                        "RGB mean/std (resnet38 default; torchvision's resnet101 weights want it too)")
 
 
 def add_infer_args(parser: argparse.ArgumentParser, infer_list: str) -> None:

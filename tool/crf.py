@@ -1,17 +1,24 @@
-"""Dense CRF (pydensecrf) with the released parameters. infer_SB.py runs it in a process pool."""
+"""Dense CRF (pydensecrf) with the released parameters, or DeepLab's. infer_SB.py and infer_seg.py run
+it in a process pool."""
 from __future__ import annotations
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 
+# DeepLab's test-time CRF (deeplab-pytorch configs/voc12.yaml: POS_XY_STD 1, POS_W 3, BI_XY_STD 67,
+# BI_RGB_STD 3, BI_W 4, 10 iterations).
+DEEPLAB_CRF = {"gauss_sxy": 1, "gauss_compat": 3, "bilateral_sxy": 67, "bilateral_srgb": 3, "bilateral_compat": 4}
+
 
 def crf_inference(img: np.ndarray, probs: np.ndarray, t: int = 10, scale_factor: float = 1,
-                  labels: int | None = None) -> np.ndarray:
+                  labels: int | None = None, *, gauss_sxy: float = 3, gauss_compat: float = 3,
+                  bilateral_sxy: float = 80, bilateral_srgb: float = 13, bilateral_compat: float = 10) -> np.ndarray:
     """Mean-field dense CRF: ``img`` uint8 ``(H, W, 3)``, ``probs`` ``(K, H, W)`` scores in [0, 1]
     (clipped at 1e-5 for the unary -log p); returns the ``(K, H, W)`` float32 marginals after
-    ``t`` iterations. Released parameters: Gaussian sxy 3/scale compat 3, bilateral sxy
-    80/scale srgb 13 compat 10."""
+    ``t`` iterations. Defaults are the released (PSA/SEAM/SBNet) parameters: Gaussian sxy
+    3/scale compat 3, bilateral sxy 80/scale srgb 13 compat 10; :data:`DEEPLAB_CRF` holds
+    DeepLab's."""
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"img must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
     if probs.ndim != 3 or probs.shape[1:] != img.shape[:2]:
@@ -22,8 +29,9 @@ def crf_inference(img: np.ndarray, probs: np.ndarray, t: int = 10, scale_factor:
     h, w = img.shape[:2]
     crf = dcrf.DenseCRF2D(w, h, num_labels)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    crf.addPairwiseGaussian(sxy=3 / scale_factor, compat=3)
-    crf.addPairwiseBilateral(sxy=80 / scale_factor, srgb=13, rgbim=np.ascontiguousarray(img), compat=10)
+    crf.addPairwiseGaussian(sxy=gauss_sxy / scale_factor, compat=gauss_compat)
+    crf.addPairwiseBilateral(sxy=bilateral_sxy / scale_factor, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(img),
+                             compat=bilateral_compat)
     return np.array(crf.inference(t), dtype=np.float32).reshape(num_labels, h, w)
 
 

@@ -140,3 +140,18 @@ def block_mean(m: np.ndarray, k: int) -> np.ndarray:
     padded = np.zeros((c, hp, wp), dtype=np.float32)
     padded[:, :h, :w] = m
     return padded.reshape(c, hp // k, k, wp // k, k).mean(axis=(2, 4))
+
+
+def random_pad_crop(rng: np.random.Generator, crop_size: int, img: np.ndarray, label: np.ndarray,
+                    img_fill: float = 0, label_fill: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """deeplab-pytorch's crop: pad the bottom and right up to ``crop_size`` (image ``img_fill``,
+    label ``label_fill``), then cut a ``crop_size`` square at a uniform offset."""
+    h, w = label.shape
+    ph, pw = max(h, crop_size), max(w, crop_size)
+    padded_img = np.full((ph, pw) + img.shape[2:], img_fill, dtype=img.dtype)
+    padded_img[:h, :w] = img
+    padded_label = np.full((ph, pw), label_fill, dtype=label.dtype)
+    padded_label[:h, :w] = label
+    top, left = int(rng.integers(ph - crop_size + 1)), int(rng.integers(pw - crop_size + 1))
+    rows, cols = slice(top, top + crop_size), slice(left, left + crop_size)
+    return padded_img[rows, cols], padded_label[rows, cols]

@@ -1,4 +1,5 @@
-"""Training losses of the SB step (SEAM + semantic boundaries + smoothness) and of AffinityNet.
+"""Training losses of the SB step (SEAM + semantic boundaries + smoothness), of AffinityNet and of
+the final segmentation network (DeepLab).
 
 Every map has the background in channel 0 and takes its class count from the tensor's shape.
 ``label`` below is the with-background image label of shape (N, K, 1, 1): 1 for the background and
@@ -7,6 +8,7 @@ reproduce the released train_SB.py / train_aff.py computations in value and grad
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -215,3 +217,53 @@ def sb_step_loss(out1: tuple, out2: tuple, label: torch.Tensor, sb_map: torch.Te
         loss = loss_cls + loss_er + loss_ecr + loss_boundary + loss_smooth
     return {"loss": loss, "loss_cls": loss_cls, "loss_er": loss_er, "loss_ecr": loss_ecr,
             "loss_boundary": loss_boundary, "loss_smooth": loss_smooth}
+
+
+def _pil_nearest_index(n_out: int, n_in: int) -> torch.Tensor:
+    """Source indices of PIL's nearest resize (``ImagingScaleAffine``): floor((i + 0.5) * n_in / n_out),
+    the position summed step by step in float64 as PIL's loop does (which decides the ties)."""
+    step = n_in / n_out
+    pos = np.cumsum(np.concatenate([[step * 0.5], np.full(n_out - 1, step)]))
+    return torch.from_numpy(np.minimum(pos.astype(np.int64), n_in - 1))
+
+
+def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An ``(N, H, W)`` label map resized by nearest neighbour exactly as PIL's ``Image.NEAREST``,
+    which deeplab-pytorch uses to fit the labels to each output."""
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label.long()
+    rows = _pil_nearest_index(size[0], label.shape[-2]).to(label.device)
+    cols = _pil_nearest_index(size[1], label.shape[-1]).to(label.device)
+    return label.long()[:, rows[:, None], cols[None, :]]
+
+
+def balanced_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Background/foreground balanced cross-entropy (AdvCAM, CLIMS):
+
+    L = 1/2 (sum_{x: y=0} -log p_0(x) / |B| + sum_{x: 0<y<ignore} -log p_y(x) / |F|),
+    B and F the background and foreground pixels; an empty set contributes 0.
+    """
+    ce = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="none")
+    background = label == 0
+    foreground = (label != 0) & (label != ignore_index)
+    bg = (ce * background).sum() / background.sum().clamp(min=1)
+    fg = (ce * foreground).sum() / foreground.sum().clamp(min=1)
+    return (bg + fg) / 2
+
+
+def segmentation_loss(outputs: list[torch.Tensor], label: torch.Tensor, balanced: bool = False,
+                      ignore_index: int = 255) -> torch.Tensor:
+    """The DeepLab training loss: the sum over the network's outputs (MSC: full, 0.5x, 0.75x and
+    their max) of the cross-entropy against the label resized to each output by nearest neighbour,
+
+    L = sum_o CE(outputs_o, resize(y, size_o)),  CE averaged over the non-ignored pixels
+    (or :func:`balanced_cross_entropy` with ``balanced``).
+    """
+    terms = []
+    for logits in outputs:
+        target = resize_label(label, logits.shape[-2:])
+        if balanced:
+            terms.append(balanced_cross_entropy(logits, target, ignore_index))
+        else:
+            terms.append(F.cross_entropy(logits.float(), target, ignore_index=ignore_index))
+    return torch.stack(terms).sum()

@@ -10,6 +10,9 @@ import torch
 class PolyOptimizer(torch.optim.SGD):
     """SGD whose learning rates follow lr_t = lr_group * (1 - t / max_step) ** power.
 
+    With ``step_size`` k > 1, t is rounded down to a multiple of k: the rate changes every k steps
+    (deeplab-pytorch's ``PolynomialLR(step_size=10)``).
+
     Before step t (t = ``global_step``, counted from 0) every group's learning rate is set from its
     initial value; after ``max_step`` steps the last rate is kept, as released. The schedule is a
     function of ``global_step`` alone, which ``state_dict`` carries so that a resumed run continues it.
@@ -21,7 +24,7 @@ class PolyOptimizer(torch.optim.SGD):
     """
 
     def __init__(self, params: Iterable, lr: float, weight_decay: float, max_step: int, power: float = 0.9,
-                 momentum: float | None = None):
+                 momentum: float | None = None, step_size: int = 1):
         if momentum is None:
             super().__init__(params, lr, momentum=weight_decay)
         else:
@@ -29,12 +32,13 @@ class PolyOptimizer(torch.optim.SGD):
         self.global_step = 0
         self.max_step = max_step
         self.power = power
+        self.step_size = step_size
         for group in self.param_groups:
             group["initial_lr"] = group["lr"]
 
     def poly_factor(self) -> float:
-        """(1 - t / max_step) ** power for the current step."""
-        return (1 - self.global_step / self.max_step) ** self.power
+        """(1 - t / max_step) ** power for the current step (t rounded down to a multiple of step_size)."""
+        return (1 - self.global_step // self.step_size * self.step_size / self.max_step) ** self.power
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One SGD step at the learning rates of step ``global_step``, then count it."""

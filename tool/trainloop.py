@@ -1,4 +1,5 @@
-"""The epoch loop shared by train_SB.py and train_aff.py: resume, checkpoints, signals, logging.
+"""The training loops: epochs (train_SB.py, train_aff.py) and iterations with gradient accumulation
+(train_seg.py), sharing resume, checkpoints, signals and logging.
 
 Each script builds its model, data and optimiser and hands ``fit`` a ``step_fn(model, pack)``
 that returns ``(losses, outputs)`` with ``losses['loss']`` the objective. ``fit`` owns what must be
@@ -13,7 +14,7 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,11 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
                     raise SystemExit(stop.exit_code or 143)
             save(epoch + 1, 0)
     tb.close()
+    return _save_final(args, info, net, logger)
+
+
+def _save_final(args: argparse.Namespace, info: DistInfo, net: torch.nn.Module, logger: logging.Logger) -> Path:
+    """Check that the ranks agree, then write the final weights (a plain state_dict) atomically."""
     if info.distributed:
         if not ranks_agree(net, info):
             raise RuntimeError("the ranks ended with different weights")
@@ -219,3 +225,86 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
             torch.save(net.state_dict(), tmp)
         logger.info("saved %s", final)
     return final
+
+
+def _endless_batches(loader: torch.utils.data.DataLoader, sampler: ResumableSampler, epoch: int,
+                     batch: int) -> Iterator[tuple[int, int, dict]]:
+    """``(epoch, batch, pack)`` from position (epoch, batch) on, epoch after epoch."""
+    while True:
+        sampler.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        sampler.set_start_batch(batch)
+        for b, pack in enumerate(loader, start=batch):
+            yield epoch, b, pack
+        epoch, batch = epoch + 1, 0
+
+
+def fit_iterations(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
+                   optimizer: PolyOptimizer, loader: torch.utils.data.DataLoader, sampler: ResumableSampler,
+                   step_fn: StepFn, logger: logging.Logger, start: dict | None = None,
+                   net: torch.nn.Module | None = None) -> Path:
+    """:func:`fit` counted in iterations (``args.max_iters``) rather than epochs, each iteration
+    accumulating the gradients of ``args.iter_size`` batches (each loss divided by
+    ``iter_size``, deeplab-pytorch's ``ITER_SIZE``). The checkpoint, written every
+    ``args.save_every`` iterations and on SIGTERM/SIGINT, records the data position (epoch,
+    batch); the schedule's position is the optimiser's ``global_step``."""
+    net = net if net is not None else unwrap(model)
+    tb = TBWriter(args.tblog_dir, info)
+    meter = AverageMeter()
+    use_amp = args.amp and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start = start or {"epoch": 0, "batch": 0}
+    if start.get("scaler"):
+        scaler.load_state_dict(start["scaler"])
+    run_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    timer = Timer(total=args.max_iters, done=optimizer.global_step)
+    batches = _endless_batches(loader, sampler, start["epoch"], start["batch"])
+    position = (start["epoch"], start["batch"])
+
+    def save() -> None:
+        if info.is_main:
+            save_checkpoint(checkpoint_path(args), model=net, optimizer=optimizer, epoch=position[0],
+                            step=optimizer.global_step, args=run_args,
+                            extra={"batch": position[1], "scaler": scaler.state_dict()})
+
+    model.train()
+    with StopSignal() as stop:
+        bar = progress(range(optimizer.global_step, args.max_iters), info, desc="iterations",
+                       total=args.max_iters, initial=optimizer.global_step)
+        for _ in bar:
+            optimizer.zero_grad(set_to_none=True)
+            for micro in range(args.iter_size):
+                epoch, batch, pack = next(batches)
+                last = micro == args.iter_size - 1
+                # DDP all-reduces the gradients once per iteration, on the last accumulated batch.
+                no_sync = model.no_sync() if info.distributed and not last else contextlib.nullcontext()
+                autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext())
+                with no_sync:
+                    with autocast:
+                        losses, _ = step_fn(model, pack)
+                    check_finite(losses, optimizer.global_step)
+                    scaler.scale(losses["loss"] / args.iter_size).backward()
+                meter.add({k: v.item() for k, v in losses.items()})
+                position = (epoch, batch + 1)
+            scaler.step(optimizer)
+            scaler.update()
+            step = optimizer.global_step
+            if step % args.log_every == 1 or args.log_every == 1:
+                avg = {k: all_reduce_mean(v, info) for k, v in meter.pop().items()}
+                lr = optimizer.param_groups[0]["lr"]
+                logger.info("iteration %d/%d %s lr %.6f %.1f img/s eta %s", step, args.max_iters,
+                            " ".join(f"{k} {v:.4f}" for k, v in avg.items()), lr,
+                            (step - timer.start_done) * args.batch_size * args.iter_size / max(timer.elapsed(), 1e-6),
+                            timer.eta(step))
+                tb.scalars(avg, step, prefix="loss/")
+                tb.scalar("lr", lr, step)
+            if _stop_everywhere(stop, info):
+                save()
+                logger.warning("stopped by signal at iteration %d; resume with --resume", step)
+                tb.close()
+                raise SystemExit(stop.exit_code or 143)
+            if step % args.save_every == 0 or step == args.max_iters:
+                save()
+    tb.close()
+    return _save_final(args, info, net, logger)

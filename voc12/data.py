@@ -11,8 +11,10 @@ Image lists use the released format, one image per line, ``/JPEGImages/NAME.jpg
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -21,7 +23,7 @@ from torch.utils.data import Dataset
 from network.resnet38d import Normalize
 from tool import imutils
 from tool.affinity import effective_radius, extract_affinity_labels
-from tool.fileio import InputError, atomic_path, find_array_file, load_img_name_list, load_scores
+from tool.fileio import InputError, atomic_path, find_array_file, load_img_name_list, load_label_png, load_scores
 from voc12.classes import IGNORE_INDEX, ClassList
 from voc12.sb_map import load_sb_map
 
@@ -293,3 +295,56 @@ class VOC12AffDataset(VOC12ImageDataset):
         return {"name": self.names[index], "img": torch.from_numpy(imutils.hwc_to_chw(img)),
                 "aff_bg": torch.from_numpy(bg), "aff_fg": torch.from_numpy(fg),
                 "aff_neg": torch.from_numpy(neg)}
+
+
+class VOC12SegDataset(VOC12ImageDataset):
+    """DeepLab training crops from label PNGs (``label_dir/NAME.png``, 255 ignored).
+
+    deeplab-pytorch's pipeline, in its order: a scale drawn from ``scales`` (image bilinear,
+    label nearest; sizes truncated), the network's input ``normalize`` (RGB ``(H, W, 3)`` float ->
+    float, e.g. the caffe BGR mean subtraction), padding at the bottom and right to ``crop_size``
+    (the image with 0, i.e. the mean after normalisation; the label with 255), a random crop and a
+    horizontal flip. Item: ``{'name', 'img'`` (3, crop, crop) float32, ``'label'`` (crop, crop) int64``}``.
+    """
+
+    def __init__(self, list_path: str | Path, voc12_root: str | Path, label_dir: str | Path, num_classes: int,
+                 normalize: Callable[[np.ndarray], np.ndarray], crop_size: int = 321,
+                 scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5), seed: int = 0) -> None:
+        super().__init__(list_path, voc12_root)
+        self.label_paths = [Path(label_dir) / f"{n}.png" for n in self.names]
+        missing = _first_missing(self.label_paths)
+        if missing is not None:
+            raise InputError(f"label file not found: {missing} (the --label_dir of the training list)")
+        self.num_classes = num_classes
+        self.normalize = normalize
+        self.crop_size = crop_size
+        self.scales = tuple(scales)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def read_label(self, index: int, size: tuple[int, int]) -> np.ndarray:
+        path = self.label_paths[index]
+        label = load_label_png(path)
+        if label.shape != size:
+            raise InputError(f"{path} is {label.shape[0]}x{label.shape[1]}, its image {size[0]}x{size[1]}")
+        bad = (label >= self.num_classes) & (label != IGNORE_INDEX)
+        if bad.any():
+            raise InputError(f"{path} holds label {int(label[bad].max())}; the classes are 0..{self.num_classes - 1}"
+                             f" and {IGNORE_INDEX} (pass the matching --dataset_classes)")
+        return label
+
+    def __getitem__(self, index: int) -> dict:
+        rng = imutils.item_rng(self.seed, self.epoch, index)
+        img = self.read(index)
+        label = self.read_label(index, img.shape[:2])
+        scale = self.scales[int(rng.integers(len(self.scales)))]
+        size = (int(img.shape[0] * scale), int(img.shape[1] * scale))
+        img = cv2.resize(img.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR)
+        label = imutils.resize_map(label, size)
+        img, label = imutils.random_pad_crop(rng, self.crop_size, self.normalize(img), label, 0, IGNORE_INDEX)
+        img, (label,) = imutils.random_hflip(rng, img, [label])
+        return {"name": self.names[index], "img": torch.from_numpy(imutils.hwc_to_chw(img)),
+                "label": torch.from_numpy(label.astype(np.int64))}
