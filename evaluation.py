@@ -9,7 +9,9 @@ only) gets a background score ``--t`` (SEAM), a CRF file (labels include the bac
 argmax. ``--type npy``: the released pickled CAM dicts, read only with ``--allow_pickle``.
 ``--curve True`` evaluates every background score t = 0.00 .. 0.59 in one pass over the files,
 plots the curve and reports the best t. IoU counts as the released code: TP / (T + P - TP) over
-pixels whose ground truth is not 255, a class absent everywhere scoring 0.
+pixels whose ground truth is not 255, a class absent everywhere scoring 0. Each log entry names
+the hash of the prediction folder's provenance record (``tool.provenance``), so that a number in
+the log can be traced to the weights and flags that made the predictions.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tool.cli import run_main, str2bool
-from tool.fileio import InputError, atomic_path, load_img_name_list, load_label_png, load_scores
+from tool import provenance
+from tool.cli import add_allow_pickle_arg, run_main, str2bool
+from tool.errors import InputError
+from tool.fileio import atomic_path, load_img_name_list, load_label_png, load_scores
 from tool.iou import (
     JointCounter,
     confusion_from_joint,
@@ -242,16 +246,15 @@ def get_arg_parser() -> argparse.ArgumentParser:
                         help="class-list file of a custom dataset (default: the VOC classes)")
     parser.add_argument("--num_workers", default=min(8, os.cpu_count() or 1), type=int,
                         help="processes reading the files")
-    parser.add_argument("--allow_pickle", action="store_true",
-                        help="read the released code's pickled .npy files (trusted files only)")
+    add_allow_pickle_arg(parser)
     parser.add_argument("--curve_png", default=None, type=str,
                         help="where to plot the curve (default: LOGFILE_curve.png beside the log file)")
     return parser
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Evaluate, print, log; return the logged metrics (with ``threshold`` and, for a curve,
-    ``curve``: the mIoU at each t)."""
+    """Evaluate, print, log; return the logged metrics (with ``threshold``, ``provenance``: the hash
+    of the prediction folder's record, and for a curve ``curve``: the mIoU at each t)."""
     try:
         classes = load_classes(args.dataset_classes)
     except ValueError as e:
@@ -259,6 +262,7 @@ def run(args: argparse.Namespace) -> dict:
     names = load_img_name_list(args.list)
     class_names = classes.all_names
     thresholds = CURVE_THRESHOLDS if args.curve else None if args.t is None else (args.t,)
+    origin = provenance.folder_digest(args.predict_dir)
     confs = evaluate_confusions(args.predict_dir, args.gt_dir, names, classes.num_classes, args.type,
                                 thresholds, args.num_workers, args.allow_pickle)
     if not args.curve:
@@ -266,6 +270,7 @@ def run(args: argparse.Namespace) -> dict:
         print_table(result, class_names)
         if args.t is not None:
             result["threshold"] = args.t
+        result["provenance"] = origin
         write_log(args.logfile, result, args.comment)
         return result
     curve = [metrics(conf, class_names)["mIoU"] for conf in confs]
@@ -277,8 +282,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"best background score: {CURVE_THRESHOLDS[best]:.2f}\tmIoU: {curve[best]:.3f}%")
     result["threshold"] = CURVE_THRESHOLDS[best]
     result["curve"] = curve
-    write_log(args.logfile, {"mIoU": curve, "best_t": result["threshold"], "best_mIoU": result["mIoU"]},
-              args.comment)
+    result["provenance"] = origin
+    write_log(args.logfile, {"mIoU": curve, "best_t": result["threshold"], "best_mIoU": result["mIoU"],
+                             "provenance": origin}, args.comment)
     plot_curve(args.curve_png or default_curve_png(args.logfile), CURVE_THRESHOLDS, curve, args.comment)
     return result
 

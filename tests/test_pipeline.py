@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from evaluation import do_python_eval
-from tool.fileio import load_label_png, load_scores
+from tool.fileio import load_img_name_list, load_label_png, load_scores
 from voc12.classes import load_classes
-from voc12.data import load_img_name_list
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = ["--backbone_width", "0.125"]

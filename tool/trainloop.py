@@ -5,7 +5,7 @@ that returns ``(losses, outputs)`` with ``losses['loss']`` the objective. ``fit`
 the same in every stage: the poly schedule's step count, checkpoints written atomically at each
 epoch end and on SIGTERM/SIGINT, exact resume (model, optimiser, RNG, position in the epoch), a
 stop on a non-finite loss that keeps the last good checkpoint, progress bars, log lines and
-TensorBoard curves.
+TensorBoard curves; with ``--save_every_epoch`` also the weights of every epoch.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from tool.checkpoint import (
     set_rng_state,
 )
 from tool.distributed import DistInfo, all_reduce_mean, ranks_agree, unwrap
-from tool.fileio import InputError, atomic_path
+from tool.errors import InputError
+from tool.fileio import atomic_path
 from tool.logutils import AverageMeter, TBWriter, Timer, progress
 from tool.torchutils import PolyOptimizer
 
@@ -43,6 +44,17 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
 
 def final_weights_path(args: argparse.Namespace) -> Path:
     return Path(args.session_name + ".pth")
+
+
+def epoch_weights_path(args: argparse.Namespace, epoch: int) -> Path:
+    """Where ``--save_every_epoch`` keeps the weights after ``epoch`` epochs (1-based)."""
+    return Path(f"{args.session_name}_ep{epoch}.pth")
+
+
+def save_weights(net: torch.nn.Module, path: Path) -> None:
+    """A plain state_dict, loadable by the released code, written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(net.state_dict(), tmp)
 
 
 def make_poly_optimizer(net: torch.nn.Module, args: argparse.Namespace, sampler: ResumableSampler) -> PolyOptimizer:
@@ -164,6 +176,9 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
                     logger.warning("stopped by signal at step %d; resume with --resume", step)
                     tb.close()
                     raise SystemExit(stop.exit_code or 143)
+            # The snapshot first: a run killed between the two redoes nothing and loses no snapshot.
+            if args.save_every_epoch and info.is_main:
+                save_weights(net, epoch_weights_path(args, epoch + 1))
             save(epoch + 1, 0)
     tb.close()
     if info.distributed:
@@ -172,7 +187,6 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
         logger.info("weights identical on all %d ranks", info.world_size)
     final = final_weights_path(args)
     if info.is_main:
-        with atomic_path(final) as tmp:
-            torch.save(net.state_dict(), tmp)
+        save_weights(net, final)
         logger.info("saved %s", final)
     return final
