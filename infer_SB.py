@@ -125,10 +125,10 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
     dataset = VOC12ClsDatasetMSF(args.infer_list, args.voc12_root,
                                  args.label_file or default_label_file(args.infer_list), classes, scales=SCALES)
     use_amp = args.amp and info.device.type == "cuda"
-    for folder, (record, suffix) in output_folders(args, use_amp).items():
-        provenance.claim_outputs(folder, record, overwrite=args.overwrite, suffix=suffix, info=info)
+    skip_finished = all([provenance.claim_outputs(folder, record, overwrite=args.overwrite, suffix=suffix, info=info)
+                         for folder, (record, suffix) in output_folders(args, use_amp).items()])
     todo = [i for i in shard(list(range(len(dataset))), info)
-            if args.overwrite or not outputs_done(dataset.names[i], args)]
+            if not (skip_finished and outputs_done(dataset.names[i], args))]
     logger.info("%d of %d images to infer on rank %d", len(todo), len(dataset), info.rank)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=1,
                                          collate_fn=first_item, num_workers=args.num_workers)

@@ -90,9 +90,9 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
                                         "voc12_root": str(Path(args.voc12_root).resolve()),
                                         "cam_dir": str(Path(args.cam_dir).resolve()),
                                         "cam_provenance": provenance.folder_digest(args.cam_dir)})
-    provenance.claim_outputs(out_dir, record, overwrite=args.overwrite, suffix=".png", info=info)
+    skip_finished = provenance.claim_outputs(out_dir, record, overwrite=args.overwrite, suffix=".png", info=info)
     todo = [i for i in shard(list(range(len(dataset))), info)
-            if args.overwrite or not (out_dir / f"{dataset.names[i]}.png").is_file()]
+            if not (skip_finished and (out_dir / f"{dataset.names[i]}.png").is_file())]
     logger.info("%d of %d images to walk on rank %d", len(todo), len(dataset), info.rank)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=1,
                                          collate_fn=first_item, num_workers=args.num_workers)

@@ -21,7 +21,8 @@ finished stage; a rerun redoes a stage whose fingerprint changed and every stage
 nothing else: edit ``tool/losses.py`` and the training stages that use it rerun (with
 everything downstream); rerun unchanged and the table is printed again in seconds. A stage that
 reruns starts clean (inference gets ``--overwrite``, training no ``--resume``); a stage that was
-killed resumes (training with ``--resume``, inference skips the images it finished).
+killed resumes (training with ``--resume``, inference with ``--overwrite stale`` keeps the images
+it finished).
 ``--from STAGE`` redoes that stage and the ones after it and keeps those before as they are;
 ``--only STAGE`` redoes that stage alone.
 """
@@ -248,8 +249,10 @@ def run_stage(stage: Stage, resume: bool) -> list[Any]:
                 extra = ("--resume",)
             else:
                 ckpt.unlink(missing_ok=True)
-        elif command.role == "infer" and not resume:
-            extra = ("--overwrite",)
+        elif command.role == "infer":
+            # Resuming: keep the images this stage finished, redo folders of another origin (a
+            # command of the stage that had not started yet when the run was killed).
+            extra = ("--overwrite", "stale") if resume else ("--overwrite",)
         results.append(command.run(extra))
     return results
 
@@ -296,7 +299,7 @@ def run(args: argparse.Namespace) -> dict:
             state.start(stage.name, fingerprint)
             outputs = run_stage(stage, resume)
             if stage.name == "eval":
-                write_results(cfg, outputs)
+                write_results(cfg, outputs, seconds=time.time() - tic)
             state.finish(stage.name, fingerprint)
         previous = fingerprint
     if (cfg.out / "results.json").is_file() and "eval" in state.done:
@@ -308,8 +311,9 @@ def run(args: argparse.Namespace) -> dict:
     return results or {}
 
 
-def write_results(cfg: Config, outputs: list[dict]) -> None:
-    """The table's numbers, with the provenance hash of every folder they were computed from."""
+def write_results(cfg: Config, outputs: list[dict], seconds: float) -> None:
+    """The table's numbers, with the provenance hash of every folder they were computed from and
+    the time the run that computed them took."""
     results: dict = {key: {} for key, _, _ in EVALUATED}
     results["cam_threshold"], results["provenance"] = {}, {}
     pairs = [(split, key) for split in cfg.eval_lists for key, _, _ in EVALUATED]
@@ -318,6 +322,7 @@ def write_results(cfg: Config, outputs: list[dict]) -> None:
         results["provenance"][f"{key}_{split}"] = res["provenance"]
         if key == "cam":
             results["cam_threshold"][split] = res.get("threshold")
+    results["seconds"] = round(seconds, 1)
     with atomic_path(cfg.out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     write_figure(cfg.out, cfg.root, cfg.eval_lists["val"])

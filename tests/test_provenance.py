@@ -46,39 +46,44 @@ def outputs(folder: Path) -> list[str]:
 def test_claim_reuses_a_match_and_refuses_or_redoes_a_mismatch(tmp_path):
     folder = tmp_path / "rw"
     first = {"weights_sha256": "a", "alpha": 4}
-    provenance.claim_outputs(folder, first, overwrite=False, suffix=".png")
+    provenance.claim_outputs(folder, first, overwrite=None, suffix=".png")
     assert json.loads((folder / provenance.RECORD_NAME).read_text()) == first
     (folder / "img1.png").write_bytes(b"1")
-    provenance.claim_outputs(folder, dict(first), overwrite=False, suffix=".png")  # a resume
+    assert provenance.claim_outputs(folder, dict(first), overwrite=None, suffix=".png")  # a resume
+    assert provenance.claim_outputs(folder, dict(first), overwrite="stale", suffix=".png")
+    assert not provenance.claim_outputs(folder, dict(first), overwrite="all", suffix=".png")  # redo them
     assert outputs(folder) == ["img1.png"]
 
     other = {"weights_sha256": "b", "alpha": 4}
     with pytest.raises(InputError, match=r"other weights_sha256; pass --overwrite") as e:
-        provenance.claim_outputs(folder, other, overwrite=False, suffix=".png")
+        provenance.claim_outputs(folder, other, overwrite=None, suffix=".png")
     assert "\n" not in str(e.value)
     assert outputs(folder) == ["img1.png"]  # a refusal changes nothing
 
     (folder / "notes.txt").write_text("kept")
-    provenance.claim_outputs(folder, other, overwrite=True, suffix=".png")
+    assert provenance.claim_outputs(folder, other, overwrite="stale", suffix=".png")
     assert outputs(folder) == [] and (folder / "notes.txt").is_file()
     assert provenance.read_record(folder) == other
+    (folder / "img2.png").write_bytes(b"2")
+    assert provenance.claim_outputs(folder, first, overwrite="all", suffix=".png")
+    assert outputs(folder) == [] and provenance.read_record(folder) == first
 
 
 def test_outputs_without_a_record_are_not_trusted(tmp_path):
     (tmp_path / "a.npz").write_bytes(b"old")
     with pytest.raises(InputError, match="no record of what made them; pass --overwrite"):
-        provenance.claim_outputs(tmp_path, {"x": 1}, overwrite=False, suffix=".npz")
+        provenance.claim_outputs(tmp_path, {"x": 1}, overwrite=None, suffix=".npz")
     # A record left by a run killed before its first image: nothing to protect, so no error.
     empty = tmp_path / "empty"
-    provenance.claim_outputs(empty, {"x": 1}, overwrite=False, suffix=".npz")
-    provenance.claim_outputs(empty, {"x": 2}, overwrite=False, suffix=".npz")
+    provenance.claim_outputs(empty, {"x": 1}, overwrite=None, suffix=".npz")
+    provenance.claim_outputs(empty, {"x": 2}, overwrite=None, suffix=".npz")
     assert provenance.read_record(empty) == {"x": 2}
 
 
 def test_folder_digest_names_a_record(tmp_path):
     assert provenance.folder_digest(tmp_path) is None
-    provenance.claim_outputs(tmp_path, {"x": 1}, overwrite=False, suffix=".npz")
+    provenance.claim_outputs(tmp_path, {"x": 1}, overwrite=None, suffix=".npz")
     digest = provenance.folder_digest(tmp_path)
     assert digest == hashlib.sha256((tmp_path / provenance.RECORD_NAME).read_bytes()).hexdigest()
-    provenance.claim_outputs(tmp_path, {"x": 2}, overwrite=False, suffix=".npz")
+    provenance.claim_outputs(tmp_path, {"x": 2}, overwrite=None, suffix=".npz")
     assert provenance.folder_digest(tmp_path) != digest

@@ -14,6 +14,8 @@ from typing import Any
 
 from tool.errors import InputError, NonFiniteLoss
 
+OVERWRITE_MODES = ("all", "stale")
+
 
 def str2bool(value: str | bool) -> bool:
     """Parse 'True'/'False'/'1'/'0'/'yes'/'no' (the released ``type=bool`` made 'False' true)."""
@@ -98,7 +100,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, session_name: str, max_ep
 def add_infer_args(parser: argparse.ArgumentParser, infer_list: str) -> None:
     g = parser.add_argument_group("inference")
     g.add_argument("--infer_list", default=infer_list, type=str)
-    g.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    g.add_argument("--overwrite", nargs="?", const="all", default=None, choices=OVERWRITE_MODES,
+                   help="redo outputs that already exist: all of them (the default), or with 'stale' only "
+                        "those of other weights, flags or code while finished ones of the same are kept")
 
 
 def run_main(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,

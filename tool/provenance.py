@@ -9,13 +9,17 @@ before its first image (:func:`claim_outputs`):
 - the record matches: finished images are skipped, so a killed run resumes;
 - the folder holds no outputs yet: the record is written and the command starts;
 - the record differs (or is missing beside old outputs): a one-line error that names
-  ``--overwrite``; with ``--overwrite`` the old outputs are deleted and the record rewritten, so a
-  folder never mixes files of two origins, even when the overwriting run is killed in its turn.
+  ``--overwrite``; with ``--overwrite`` (or ``--overwrite stale``) the old outputs are deleted
+  and the record rewritten, so a folder never mixes files of two origins, even when the
+  overwriting run is killed in its turn.
 
-Usage in a new inference script::
+``--overwrite`` (``all``) also redoes the images of a matching record; ``--overwrite stale`` keeps
+them (what run_pipeline uses to resume a stage). Usage in a new inference script::
 
     record = provenance.describe(__file__, weights=args.weights, flags={"scale": args.scale})
-    provenance.claim_outputs(args.out_dir, record, overwrite=args.overwrite, suffix=".png", info=info)
+    skip_finished = provenance.claim_outputs(args.out_dir, record, overwrite=args.overwrite, suffix=".png",
+                                             info=info)
+    todo = [name for name in names if not (skip_finished and output_exists(name))]
 """
 from __future__ import annotations
 
@@ -144,14 +148,16 @@ def _outputs(folder: Path, suffix: str) -> list[Path]:
     return sorted(p for p in folder.glob(f"*{suffix}") if not p.name.startswith("."))
 
 
-def claim_outputs(folder: str | Path, record: dict[str, Any], *, overwrite: bool, suffix: str,
-                  info: DistInfo | None = None) -> None:
+def claim_outputs(folder: str | Path, record: dict[str, Any], *, overwrite: str | None, suffix: str,
+                  info: DistInfo | None = None) -> bool:
     """Make ``folder`` (outputs ``*suffix``) the home of outputs described by ``record``; see the
-    module docstring. Under torchrun every rank calls it; rank 0 writes."""
+    module docstring. ``overwrite``: None, ``"all"`` or ``"stale"`` (``--overwrite``). Return
+    whether the outputs already there may be kept (skipped). Under torchrun every rank calls it;
+    rank 0 writes."""
     folder = Path(folder)
     old = read_record(folder)
     if old == record:
-        return
+        return overwrite != "all"
     if not overwrite and folder.is_dir() and _outputs(folder, suffix):
         changed = sorted(k for k in record.keys() | (old or {}).keys() if (old or {}).get(k) != record.get(k))
         what = "no record of what made them" if old is None else f"other {', '.join(changed)}"
@@ -166,3 +172,4 @@ def claim_outputs(folder: str | Path, record: dict[str, Any], *, overwrite: bool
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     if info is not None:
         barrier(info)
+    return True  # nothing of another origin is left

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> Path:
         "source": str(Path(source_dir).resolve()), "source_provenance": provenance.folder_digest(source_dir),
         "kind": "crf" if args.crf_dir else "label" if args.label_dir else "sbd", "width": args.width,
         "sigma": args.sigma, "voc12_root": str(Path(args.voc12_root).resolve())})
-    provenance.claim_outputs(out_dir, record, overwrite=True, suffix=".npz")
+    provenance.claim_outputs(out_dir, record, overwrite="all", suffix=".npz")
     work = partial(make_one, args=args, num_classes=classes.num_classes, out_dir=out_dir)
     if args.num_workers > 1 and len(names) > 1:
         with ProcessPoolExecutor(max_workers=args.num_workers) as pool:
