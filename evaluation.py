@@ -9,9 +9,10 @@ only) gets a background score ``--t`` (SEAM), a CRF file (labels include the bac
 argmax. ``--type npy``: the released pickled CAM dicts, read only with ``--allow_pickle``.
 ``--curve True`` evaluates every background score t = 0.00 .. 0.59 in one pass over the files,
 plots the curve and reports the best t. IoU counts as the released code: TP / (T + P - TP) over
-pixels whose ground truth is not 255, a class absent everywhere scoring 0. Each log entry names
-the hash of the prediction folder's provenance record (``tool.provenance``), so that a number in
-the log can be traced to the weights and flags that made the predictions.
+pixels whose ground truth is not 255, a class absent everywhere scoring 0. When the prediction
+folder has a provenance record (``tool.provenance``: our inference scripts write one), the log
+entry ends with its hash, so that a number in the log can be traced to the weights and flags that
+made the predictions.
 """
 from __future__ import annotations
 
@@ -254,7 +255,7 @@ def get_arg_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate, print, log; return the logged metrics (with ``threshold``, ``provenance``: the hash
-    of the prediction folder's record, and for a curve ``curve``: the mIoU at each t)."""
+    of the prediction folder's record if it has one, and for a curve ``curve``: the mIoU at each t)."""
     try:
         classes = load_classes(args.dataset_classes)
     except ValueError as e:
@@ -262,7 +263,8 @@ def run(args: argparse.Namespace) -> dict:
     names = load_img_name_list(args.list)
     class_names = classes.all_names
     thresholds = CURVE_THRESHOLDS if args.curve else None if args.t is None else (args.t,)
-    origin = provenance.folder_digest(args.predict_dir)
+    # Folders made by our inference scripts carry a record; others (released outputs) log as released.
+    origin = {"provenance": digest} if (digest := provenance.folder_digest(args.predict_dir)) else {}
     confs = evaluate_confusions(args.predict_dir, args.gt_dir, names, classes.num_classes, args.type,
                                 thresholds, args.num_workers, args.allow_pickle)
     if not args.curve:
@@ -270,7 +272,7 @@ def run(args: argparse.Namespace) -> dict:
         print_table(result, class_names)
         if args.t is not None:
             result["threshold"] = args.t
-        result["provenance"] = origin
+        result.update(origin)
         write_log(args.logfile, result, args.comment)
         return result
     curve = [metrics(conf, class_names)["mIoU"] for conf in confs]
@@ -282,9 +284,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"best background score: {CURVE_THRESHOLDS[best]:.2f}\tmIoU: {curve[best]:.3f}%")
     result["threshold"] = CURVE_THRESHOLDS[best]
     result["curve"] = curve
-    result["provenance"] = origin
-    write_log(args.logfile, {"mIoU": curve, "best_t": result["threshold"], "best_mIoU": result["mIoU"],
-                             "provenance": origin}, args.comment)
+    result.update(origin)
+    write_log(args.logfile, {"mIoU": curve, "best_t": result["threshold"], "best_mIoU": result["mIoU"], **origin},
+              args.comment)
     plot_curve(args.curve_png or default_curve_png(args.logfile), CURVE_THRESHOLDS, curve, args.comment)
     return result
 

@@ -319,7 +319,7 @@ def write_results(cfg: Config, outputs: list[dict], seconds: float) -> None:
     pairs = [(split, key) for split in cfg.eval_lists for key, _, _ in EVALUATED]
     for (split, key), res in zip(pairs, outputs, strict=True):
         results[key][split] = res["mIoU"]
-        results["provenance"][f"{key}_{split}"] = res["provenance"]
+        results["provenance"][f"{key}_{split}"] = res.get("provenance")
         if key == "cam":
             results["cam_threshold"][split] = res.get("threshold")
     results["seconds"] = round(seconds, 1)
@@ -404,7 +404,7 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dataset_classes", default=None, help="class list of a custom dataset")
     parser.add_argument("--seed", default=0, type=int)
-    runs = parser.add_argument_group("which stages")
+    runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
                       help="redo this stage and all after it; keep the ones before as they are")
     runs.add_argument("--only", choices=STAGES, default=None, help="redo this stage alone")

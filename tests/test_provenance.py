@@ -87,3 +87,28 @@ def test_folder_digest_names_a_record(tmp_path):
     assert digest == hashlib.sha256((tmp_path / provenance.RECORD_NAME).read_bytes()).hexdigest()
     provenance.claim_outputs(tmp_path, {"x": 2}, overwrite=None, suffix=".npz")
     assert provenance.folder_digest(tmp_path) != digest
+
+
+def test_evaluation_log_names_the_record_of_what_it_scored(tmp_path):
+    import numpy as np
+
+    import evaluation
+    from tool.fileio import save_label_png
+
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    label = np.zeros((6, 8), np.uint8)
+    label[2:5, 3:7] = 1
+    save_label_png(gt / "a.png", label)
+    save_label_png(pred / "a.png", label)
+    (tmp_path / "list.txt").write_text("a\n")
+    argv = ["--list", str(tmp_path / "list.txt"), "--gt_dir", str(gt), "--predict_dir", str(pred), "--comment", "x",
+            "--logfile", str(tmp_path / "log.txt"), "--num_workers", "1"]
+    released_style = evaluation.main(argv)
+    assert "provenance" not in released_style and "provenance" not in (tmp_path / "log.txt").read_text()
+    provenance.claim_outputs(pred, {"weights_sha256": "a"}, overwrite="stale", suffix=".png")
+    assert not (pred / "a.png").exists()  # of unknown origin: deleted
+    save_label_png(pred / "a.png", label)
+    ours = evaluation.main(argv)
+    assert ours["provenance"] == provenance.folder_digest(pred)
+    assert f"provenance:{ours['provenance']}" in (tmp_path / "log.txt").read_text().split("=" * 37 + "\n")[-2]
+    assert ours["mIoU"] == released_style["mIoU"]
