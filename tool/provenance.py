@@ -37,7 +37,7 @@ from tool.fileio import atomic_path
 
 RECORD_NAME = ".provenance.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-_CHUNK = 1 << 20
+_CHUNK = 1024 * 1024
 
 
 def file_digest(path: str | Path) -> str:
