@@ -196,11 +196,13 @@ def test_outputs_of_other_weights_are_refused_then_redone_with_overwrite(stages:
     assert all(np.array_equal(load_scores(cam / f"{n}.npz")[1], load_scores(stages / "cam" / f"{n}.npz")[1])
                for n in names)  # refused: nothing touched
 
+    copied = {n: (cam / f"{n}.npz").stat().st_mtime_ns for n in names}
     redone = run_script("infer_SB.py", *args, "--overwrite")
     assert f"{len(names)} of {len(names)} images to infer" in redone.stdout
     record = provenance.read_record(cam)
     assert record["weights_sha256"] == hashlib.sha256((stages / "r1.pth").read_bytes()).hexdigest()
-    assert not any(np.array_equal(load_scores(cam / f"{n}.npz")[1], load_scores(stages / "cam" / f"{n}.npz")[1])
+    assert all((cam / f"{n}.npz").stat().st_mtime_ns > copied[n] for n in names)
+    assert not all(np.array_equal(load_scores(cam / f"{n}.npz")[1], load_scores(stages / "cam" / f"{n}.npz")[1])
                    for n in names)
 
     # The random walk of the old CAMs is stale now that the CAM folder changed.
