@@ -12,7 +12,10 @@ released CRF dict (key 0 = background, probabilities) is told from a CAM dict (k
 classes counted from 0) and scored as a CRF.
 ``--curve True`` evaluates every background score t = 0.00 .. 0.59 in one pass over the files,
 plots the curve and reports the best t. IoU counts as the released code: TP / (T + P - TP) over
-pixels whose ground truth is not 255, a class absent everywhere scoring 0.
+pixels whose ground truth is not 255, a class absent everywhere scoring 0. When the prediction
+folder has a provenance record (``tool.provenance``: our inference scripts write one), the log
+entry ends with its hash, so that a number in the log can be traced to the weights and flags that
+made the predictions.
 """
 from __future__ import annotations
 
@@ -27,15 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tool.cli import run_main, str2bool
-from tool.fileio import (
-    InputError,
-    atomic_path,
-    find_array_file,
-    load_img_name_list,
-    load_label_png,
-    load_scores,
-)
+from tool import provenance
+from tool.cli import add_allow_pickle_arg, run_main, str2bool
+from tool.errors import InputError
+from tool.fileio import atomic_path, find_array_file, load_img_name_list, load_label_png, load_scores
 from tool.iou import (
     JointCounter,
     confusion_from_joint,
@@ -269,16 +267,15 @@ def get_arg_parser() -> argparse.ArgumentParser:
                         help="class-list file of a custom dataset (default: the VOC classes)")
     parser.add_argument("--num_workers", default=min(8, os.cpu_count() or 1), type=int,
                         help="processes reading the files")
-    parser.add_argument("--allow_pickle", action="store_true",
-                        help="read the released code's pickled .npy files (trusted files only)")
+    add_allow_pickle_arg(parser)
     parser.add_argument("--curve_png", default=None, type=str,
                         help="where to plot the curve (default: LOGFILE_curve.png beside the log file)")
     return parser
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Evaluate, print, log; return the logged metrics (with ``threshold`` and, for a curve,
-    ``curve``: the mIoU at each t)."""
+    """Evaluate, print, log; return the logged metrics (with ``threshold``, ``provenance``: the hash
+    of the prediction folder's record if it has one, and for a curve ``curve``: the mIoU at each t)."""
     try:
         classes = load_classes(args.dataset_classes)
     except ValueError as e:
@@ -286,6 +283,8 @@ def run(args: argparse.Namespace) -> dict:
     names = load_img_name_list(args.list)
     class_names = classes.all_names
     thresholds = CURVE_THRESHOLDS if args.curve else None if args.t is None else (args.t,)
+    # Folders made by our inference scripts carry a record; others (released outputs) log as released.
+    origin = {"provenance": digest} if (digest := provenance.folder_digest(args.predict_dir)) else {}
     confs = evaluate_confusions(args.predict_dir, args.gt_dir, names, classes.num_classes, args.type,
                                 thresholds, args.num_workers, args.allow_pickle)
     if not args.curve:
@@ -293,6 +292,7 @@ def run(args: argparse.Namespace) -> dict:
         print_table(result, class_names)
         if args.t is not None:
             result["threshold"] = args.t
+        result.update(origin)
         write_log(args.logfile, result, args.comment)
         return result
     curve = [metrics(conf, class_names)["mIoU"] for conf in confs]
@@ -304,7 +304,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"best background score: {CURVE_THRESHOLDS[best]:.2f}\tmIoU: {curve[best]:.3f}%")
     result["threshold"] = CURVE_THRESHOLDS[best]
     result["curve"] = curve
-    write_log(args.logfile, {"mIoU": curve, "best_t": result["threshold"], "best_mIoU": result["mIoU"]},
+    result.update(origin)
+    write_log(args.logfile, {"mIoU": curve, "best_t": result["threshold"], "best_mIoU": result["mIoU"], **origin},
               args.comment)
     plot_curve(args.curve_png or default_curve_png(args.logfile), CURVE_THRESHOLDS, curve, args.comment)
     return result

@@ -4,9 +4,10 @@ their argmax prediction and the dense-CRF refinements with background powers 4 a
     python infer_SB.py --weights resnet38_SB.pth --infer_list voc12/train_aug.txt \
         --out_cam out_cam --out_crf out_crf --out_cam_pred out_cam_pred
 
-Outputs are written atomically and an image whose outputs all exist is skipped, so a killed run
-resumes where it stopped (``--overwrite`` redoes everything). Under torchrun the list is split
-over the ranks.
+Outputs are written atomically. Each output folder records the weights and flags that made it
+(``tool.provenance``): with the same ones an image whose outputs all exist is skipped, so a killed
+run resumes where it stopped; with other ones the command stops and names ``--overwrite``, which
+deletes the old outputs and redoes everything. Under torchrun the list is split over the ranks.
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ import torch.nn.functional as F
 
 from network import resnet38_sb
 from network.resnet38d import load_weights
+from tool import provenance
 from tool.cli import add_data_args, add_infer_args, add_model_args, add_sb_model_args, run_main
 from tool.crf import crf_with_alpha
 from tool.distributed import DistInfo, die_with_parent, distributed_session, memory_format, shard
-from tool.fileio import InputError, is_valid_scores, save_label_png, save_scores
+from tool.errors import InputError
+from tool.fileio import is_valid_scores, save_label_png, save_scores
 from tool.logutils import progress, setup_logging
 from voc12.classes import load_classes
 from voc12.data import VOC12ClsDatasetMSF, default_label_file, first_item
@@ -43,9 +46,12 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_crf", default=None, type=str,
                         help="prefix of the CRF folders: OUT_CRF_4.0 and OUT_CRF_24.0")
     parser.add_argument("--out_cam_pred", default=None, type=str, help="folder of argmax PNGs")
-    parser.add_argument("--out_cam_pred_alpha", default=0.26, type=float, help="background score of --out_cam_pred")
+    parser.add_argument("--out_cam_pred_alpha", default=0.26, type=float,
+                        help="constant background score of --out_cam_pred: a pixel is background where every "
+                             "class's normalised CAM is below it (a score in [0, 1], not a power like the CRF "
+                             "and random-walk alphas)")
     parser.add_argument("--crf_alphas", default=list(CRF_ALPHAS), type=float, nargs="+",
-                        help="background powers of the CRF outputs (low and high)")
+                        help="background powers of the CRF outputs (low and high): background (1 - max CAM)^alpha")
     parser.add_argument("--crf_workers", default=2, type=int, help="processes running the dense CRF")
     parser.add_argument("--max_side", default=1024, type=int,
                         help="longer side the network sees at most (CAMs come back at full size; VOC's are"
@@ -68,8 +74,7 @@ def multiscale_cam(model: torch.nn.Module, imgs: list[torch.Tensor], label: torc
     for i in range(0, len(imgs), 2):
         # A scale and its flip go through the network as one batch of two.
         batch = torch.stack([imgs[i], imgs[i + 1]]).to(device, memory_format=layout)
-        _, cam_rv, _ = model(batch, with_edge=False)
-        cam = F.interpolate(cam_rv[:, 1:], size, mode="bilinear", align_corners=False)
+        cam = F.interpolate(model(batch, with_edge=False).cam_rv[:, 1:], size, mode="bilinear", align_corners=False)
         total += cam[0] + cam[1].flip(-1)
     total = (total * label.to(device).view(-1, 1, 1)).cpu().numpy()
     total[total < 0] = 0
@@ -95,6 +100,24 @@ def outputs_done(name: str, args: argparse.Namespace) -> bool:
     return done and (not args.out_cam_pred or (Path(args.out_cam_pred) / f"{name}.png").is_file())
 
 
+def output_folders(args: argparse.Namespace, use_amp: bool) -> dict[Path, tuple[dict, str]]:
+    """Each output folder with its provenance record and its files' suffix."""
+    label_file = args.label_file or default_label_file(args.infer_list)
+    base = provenance.describe(__file__, weights=args.weights, inputs=[label_file, args.dataset_classes], flags={
+        "backbone_width": args.backbone_width, "canny_on_rgb": args.canny_on_rgb, "scales": SCALES,
+        "amp": use_amp, "voc12_root": str(Path(args.voc12_root).resolve())})
+    folders = {}
+    if args.out_cam:
+        folders[Path(args.out_cam)] = ({**base, "output": "cam"}, ".npz")
+    if args.out_crf:
+        for alpha in args.crf_alphas:
+            folders[crf_dir(args.out_crf, alpha)] = ({**base, "output": "crf", "crf_alpha": alpha}, ".npz")
+    if args.out_cam_pred:
+        folders[Path(args.out_cam_pred)] = ({**base, "output": "cam_pred",
+                                             "background_score": args.out_cam_pred_alpha}, ".png")
+    return folders
+
+
 def infer(args: argparse.Namespace, info: DistInfo) -> None:
     logger = setup_logging(None, info)
     classes = load_classes(args.dataset_classes)
@@ -107,13 +130,15 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
     dataset = VOC12ClsDatasetMSF(args.infer_list, args.voc12_root,
                                  args.label_file or default_label_file(args.infer_list), classes, scales=SCALES,
                                  max_side=args.max_side)
+    use_amp = args.amp and info.device.type == "cuda"
+    skip_finished = all([provenance.claim_outputs(folder, record, overwrite=args.overwrite, suffix=suffix, info=info)
+                         for folder, (record, suffix) in output_folders(args, use_amp).items()])
     todo = [i for i in shard(list(range(len(dataset))), info)
-            if args.overwrite or not outputs_done(dataset.names[i], args)]
+            if not (skip_finished and outputs_done(dataset.names[i], args))]
     logger.info("%d of %d images to infer on rank %d", len(todo), len(dataset), info.rank)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=1,
                                          collate_fn=first_item, num_workers=args.num_workers)
     pending: list[tuple[str, Future]] = []
-    use_amp = args.amp and info.device.type == "cuda"
     with ProcessPoolExecutor(max_workers=max(args.crf_workers, 1), initializer=die_with_parent,
                              initargs=(os.getpid(),)) as pool:
         for pack in progress(loader, info, desc="infer_SB"):

@@ -3,8 +3,10 @@
     python infer_aff.py --weights resnet38_aff.pth --infer_list voc12/train.txt \
         --cam_dir out_cam --out_rw out_rw
 
-Each prediction is a VOC-palette PNG written atomically; existing ones are skipped (``--overwrite``
-redoes them). Under torchrun the list is split over the ranks.
+Each prediction is a VOC-palette PNG written atomically. The output folder records the weights,
+the CAM folder's own record and the flags that made it (``tool.provenance``): with the same ones
+existing PNGs are skipped (a killed run resumes), with other ones the command stops and names
+``--overwrite``. Under torchrun the list is split over the ranks.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import torch.nn.functional as F
 
 from network import resnet38_aff
 from network.resnet38d import load_weights
-from tool.cli import add_data_args, add_infer_args, add_model_args, run_main, str2bool
+from tool import provenance
+from tool.cli import add_aff_model_args, add_data_args, add_infer_args, add_model_args, run_main, str2bool
 from tool.crf import background_score, crf_inference
 from tool.distributed import DistInfo, distributed_session, memory_format, shard
-from tool.fileio import InputError, find_array_file, load_scores, save_label_png
+from tool.errors import InputError
+from tool.fileio import find_array_file, load_scores, save_label_png
 from tool.logutils import progress, setup_logging
 from tool.randomwalk import propagate
 from voc12.classes import load_classes
@@ -33,13 +37,13 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
     add_model_args(parser, weights_required=True)
+    add_aff_model_args(parser)
     add_infer_args(parser, infer_list="voc12/val.txt")
     parser.add_argument("--cam_dir", required=True, type=str, help="CAM score files of infer_SB.py")
     parser.add_argument("--out_rw", default="out_rw", type=str)
     parser.add_argument("--alpha", default=6, type=float, help="background power (1 - max CAM)^alpha")
     parser.add_argument("--beta", default=8, type=float, help="affinity power")
     parser.add_argument("--logt", default=6, type=int, help="the walk takes 2^logt steps")
-    parser.add_argument("--radius", default=5, type=int)
     parser.add_argument("--crf", default=False, type=str2bool, help="dense CRF on the walk's scores")
     return parser
 
@@ -83,8 +87,15 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
 
     dataset = VOC12ImageDataset(args.infer_list, args.voc12_root, normalize=True)
     out_dir = Path(args.out_rw)
+    record = provenance.describe(__file__, weights=args.weights, inputs=[args.dataset_classes],
+                                 flags={"backbone_width": args.backbone_width, "radius": args.radius,
+                                        "alpha": args.alpha, "beta": args.beta, "logt": args.logt, "crf": args.crf,
+                                        "voc12_root": str(Path(args.voc12_root).resolve()),
+                                        "cam_dir": str(Path(args.cam_dir).resolve()),
+                                        "cam_provenance": provenance.folder_digest(args.cam_dir)})
+    skip_finished = provenance.claim_outputs(out_dir, record, overwrite=args.overwrite, suffix=".png", info=info)
     todo = [i for i in shard(list(range(len(dataset))), info)
-            if args.overwrite or not (out_dir / f"{dataset.names[i]}.png").is_file()]
+            if not (skip_finished and (out_dir / f"{dataset.names[i]}.png").is_file())]
     logger.info("%d of %d images to walk on rank %d", len(todo), len(dataset), info.rank)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=1,
                                          collate_fn=first_item, num_workers=args.num_workers)

@@ -1,4 +1,4 @@
-"""Run every stage of the method, end to end.
+"""Run every stage of the method, end to end, redoing only what changed.
 
 With no arguments: the demo. It generates a small dataset in VOC layout, trains a narrow
 ResNet-38 from random init on whatever device there is, and reports every stage's mIoU:
@@ -6,16 +6,36 @@ ResNet-38 from random init on whatever device there is, and reports every stage'
     python run_pipeline.py                      # about 12 minutes on 2 CPU cores
     python run_pipeline.py --demo_classes 5     # a custom class list
 
-With real data, the paper's defaults (see README.md for the steps one by one):
+With real data, the paper's defaults (see README.md for the steps one by one); the small-run
+flags try the chain quickly:
 
     python run_pipeline.py --voc12_root VOC2012 --weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params
+    python run_pipeline.py --voc12_root VOC2012 --weights ... --backbone_width 0.25 --batch_size 4 \\
+        --round1_epoches 1 --sb_epoches 1 --aff_epoches 1 --train_list small.txt
+
+The stages, in order: round1, sb_map, sb, infer_sb, aff, infer_aff, eval. Each has a fingerprint:
+its commands, the hash of the project source they run (the script and every module it imports),
+the content of the input files the user gave (weights, lists, labels, class list) and the
+fingerprint of the stage before it. ``OUT_DIR/stages.json`` keeps the fingerprint of every
+finished stage; a rerun redoes a stage whose fingerprint changed and every stage after it, and
+nothing else: edit ``tool/losses.py`` and the training stages that use it rerun (with
+everything downstream); rerun unchanged and the table is printed again in seconds. A stage that
+reruns starts clean (inference gets ``--overwrite``, training no ``--resume``); a stage that was
+killed resumes (training with ``--resume``, inference with ``--overwrite stale`` keeps the images
+it finished).
+``--from STAGE`` redoes that stage and the ones after it and keeps those before as they are;
+``--only STAGE`` redoes that stage alone.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from PIL import Image
 
@@ -24,13 +44,18 @@ import infer_aff
 import infer_SB
 import train_aff
 import train_SB
+from tool import provenance
 from tool.cli import run_main
-from tool.fileio import InputError, load_img_name_list, load_label_png
+from tool.errors import InputError
+from tool.fileio import atomic_path, load_img_name_list, load_label_png, read_image
 from tool.visualization import blend, cam_max_score, colorize_label, figure_row, heatmap, stack_rows
 from voc12 import sb_map
-from voc12.data import read_image
+from voc12.data import default_label_file
 
 LA, HA = infer_SB.CRF_ALPHAS  # low and high background powers of the CRF outputs
+STAGES = ("round1", "sb_map", "sb", "infer_sb", "aff", "infer_aff", "eval")
+STATE_FILE = "stages.json"
+SPLITS = ("train", "val")
 
 # The demo's scale: sized so that the whole run takes about 12 minutes on 2 CPU cores.
 DEMO = {
@@ -40,149 +65,283 @@ DEMO = {
 }
 
 
-def get_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--voc12_root", default=None, help="real VOC2012 (default: the generated demo)")
-    parser.add_argument("--weights", default=None, help="ImageNet weights for the real pipeline")
-    parser.add_argument("--out_dir", default="demo_out")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dataset_classes", default=None, help="class list of a custom dataset")
-    parser.add_argument("--demo_classes", default=DEMO["num_classes"], type=int,
-                        help="object classes of the generated dataset")
-    parser.add_argument("--demo_image_size", default=DEMO["image_size"], type=int,
-                        help="long side of the generated images (also the training crop)")
-    parser.add_argument("--demo_scale", default=1.0, type=float,
-                        help="multiplies the demo's image counts and epochs (tests use less)")
-    parser.add_argument("--seed", default=0, type=int)
-    return parser
+@dataclass(frozen=True)
+class Config:
+    """Everything the stages are built from, typed once. ``None`` leaves a script's default."""
+
+    out: Path
+    root: Path
+    classes_file: str | None
+    train_list: str  # trained on and inferred (train_aug on VOC)
+    eval_lists: dict[str, str]  # evaluated: train and val
+    weights: str | None  # the first round's start (ImageNet)
+    demo: bool
+    device: str | None = None
+    backbone_width: float | None = None
+    num_workers: int | None = None
+    batch_size: int | None = None
+    crop_size: int | None = None
+    resize_long: tuple[int, int] | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    seed: int | None = None
+    train_bn: bool = False
+    epochs: dict[str, int | None] = field(default_factory=dict)  # by stage: round1, sb, aff
+    smooth_weight: float | None = None
+    rw_alpha: float | None = None
+    rw_logt: int | None = None
 
 
-def stage(module, argv: list[str]):
-    """Run one stage script in this process, exactly as its command line would."""
-    print(f"\n$ python {module.__name__}.py {' '.join(argv)}", flush=True)
-    return module.run(module.get_arg_parser().parse_args(argv))
+def flags(**options: Any) -> list[str]:
+    """Command-line flags of the given options: None is left out, True is a bare switch, a tuple
+    gives several values. The one place that turns the config into strings."""
+    argv: list[str] = []
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        argv.append(f"--{name}")
+        if value is not True:
+            argv += [str(v) for v in value] if isinstance(value, (tuple, list)) else [str(value)]
+    return argv
+
+
+@dataclass(frozen=True)
+class Command:
+    """One stage script run exactly as its command line would run it."""
+
+    module: ModuleType
+    argv: tuple[str, ...]
+    role: str  # "train", "infer" or "other": what to add to resume or to start clean
+
+    def line(self) -> str:
+        name = self.module.__name__
+        return f"python {name}.py" if "." not in name else f"python -m {name}"
+
+    def run(self, extra: tuple[str, ...] = ()) -> Any:
+        argv = [*self.argv, *extra]
+        print(f"\n$ {self.line()} {' '.join(argv)}", flush=True)
+        return self.module.run(self.module.get_arg_parser().parse_args(argv))
+
+    def session(self) -> Path:
+        return Path(self.argv[self.argv.index("--session_name") + 1])
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    commands: tuple[Command, ...]
+    inputs: tuple[str, ...] = ()  # files the user gave, hashed into the fingerprint
+
+    def fingerprint(self, previous: str | None) -> str:
+        spec = {"previous": previous,
+                "commands": [[c.module.__name__, list(c.argv), provenance.source_digest(c.module.__file__)]
+                             for c in self.commands],
+                "inputs": {path: provenance.file_digest(path) for path in self.inputs}}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def build_stages(cfg: Config) -> list[Stage]:
+    """The method's stages, each with its commands."""
+    out = cfg.out
+    data = flags(voc12_root=cfg.root, dataset_classes=cfg.classes_file)
+    common = data + flags(device=cfg.device, backbone_width=cfg.backbone_width, num_workers=cfg.num_workers)
+    train = common + flags(tblog_dir=out / "tblog", train_list=cfg.train_list, train_bn=cfg.train_bn,
+                           crop_size=cfg.crop_size, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                           seed=cfg.seed)
+    sb_train = train + flags(resize_long=cfg.resize_long)
+    # In the demo (no ImageNet weights) the first round stands in for pretraining: the SB step
+    # starts from it and AffinityNet from the SB step's backbone.
+    r1, sb, aff = (str(out / name) for name in ("round1", "sb", "aff"))
+    sb_init = r1 + ".pth" if cfg.demo else cfg.weights
+    aff_init = sb + ".pth" if cfg.demo else cfg.weights
+    crf = {split: str(out / f"crf_{split}") for split in SPLITS}
+    infer_lists = {"train": cfg.train_list, "val": cfg.eval_lists["val"]}
+
+    def cmd(module: ModuleType, argv: list[str], role: str) -> Command:
+        return Command(module, tuple(argv), role)
+
+    user_files = tuple(str(p) for p in (cfg.weights, cfg.classes_file, cfg.train_list,
+                                        default_label_file(cfg.train_list), *cfg.eval_lists.values()) if p)
+    return [
+        # Round 1: the SEAM baseline; its CRF outputs give the pseudo-label boundary maps.
+        Stage("round1", (
+            cmd(train_SB, sb_train + flags(weights=cfg.weights, max_epoches=cfg.epochs.get("round1"),
+                                           session_name=r1, boundary_weight=0, smooth_weight=0), "train"),
+            cmd(infer_SB, common + flags(weights=r1 + ".pth", infer_list=cfg.train_list,
+                                         out_crf=out / "round1_crf"), "infer"),
+        ), inputs=user_files),
+        Stage("sb_map", (cmd(sb_map, data + flags(list=cfg.train_list, crf_dir=infer_SB.crf_dir(
+            str(out / "round1_crf"), LA), out_dir=out / "sb_map"), "other"),)),
+        Stage("sb", (cmd(train_SB, sb_train + flags(weights=sb_init, max_epoches=cfg.epochs.get("sb"),
+                                                    smooth_weight=cfg.smooth_weight, session_name=sb,
+                                                    sb_map_dir=out / "sb_map"), "train"),)),
+        # Inference covers the whole training list (train_aug on VOC: AffinityNet trains on its
+        # CRFs), so that the train split evaluated below is a subset of it.
+        Stage("infer_sb", tuple(
+            cmd(infer_SB, common + flags(weights=sb + ".pth", infer_list=lst, out_cam=out / f"cam_{split}",
+                                         out_crf=crf[split]), "infer") for split, lst in infer_lists.items())),
+        Stage("aff", (cmd(train_aff, train + flags(weights=aff_init, max_epoches=cfg.epochs.get("aff"),
+                                                   session_name=aff,
+                                                   la_crf_dir=infer_SB.crf_dir(crf["train"], LA),
+                                                   ha_crf_dir=infer_SB.crf_dir(crf["train"], HA)), "train"),)),
+        Stage("infer_aff", tuple(
+            cmd(infer_aff, common + flags(alpha=cfg.rw_alpha, logt=cfg.rw_logt, weights=aff + ".pth",
+                                          infer_list=lst, cam_dir=out / f"cam_{split}", out_rw=out / f"rw_{split}"),
+                "infer") for split, lst in infer_lists.items())),
+        Stage("eval", tuple(eval_commands(cfg))),
+    ]
+
+
+# What the table shows: its row, the folder evaluated (by split) and how.
+EVALUATED = (
+    ("cam", "cam_{}", ["--type", "npz", "--curve", "True"]),
+    ("crf_la", f"crf_{{}}_{LA:.1f}", ["--type", "npz"]),
+    ("crf_ha", f"crf_{{}}_{HA:.1f}", ["--type", "npz"]),
+    ("rw", "rw_{}", ["--type", "png"]),
+)
+
+
+def eval_commands(cfg: Config) -> list[Command]:
+    commands = []
+    for split, lst in cfg.eval_lists.items():
+        for key, folder, kind in EVALUATED:
+            argv = flags(list=lst, gt_dir=cfg.root / "SegmentationClass", logfile=cfg.out / "evallog.txt",
+                         dataset_classes=cfg.classes_file, predict_dir=cfg.out / folder.format(split))
+            commands.append(Command(evaluation, (*argv, *kind, "--comment", f"{key}_{split}"), "other"))
+    return commands
+
+
+class StageState:
+    """``OUT_DIR/stages.json``: the fingerprint of each finished stage and of the one running."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        self.done: dict[str, str] = data.get("done", {})
+        self.running: dict[str, str] = data.get("running", {})
+
+    def save(self) -> None:
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps({"done": self.done, "running": self.running}, indent=1) + "\n")
+
+    def start(self, name: str, fingerprint: str) -> None:
+        """Forget this stage and every later one (they follow it), and note what now runs."""
+        for later in STAGES[STAGES.index(name):]:
+            self.done.pop(later, None)
+        self.running = {name: fingerprint}
+        self.save()
+
+    def finish(self, name: str, fingerprint: str) -> None:
+        self.done[name] = fingerprint
+        self.running = {}
+        self.save()
+
+
+def run_stage(stage: Stage, resume: bool) -> list[Any]:
+    """Run a stage's commands: resuming (training ``--resume`` from its checkpoint, inference
+    skipping finished images) or from a clean start (old checkpoint gone, ``--overwrite``)."""
+    results = []
+    for command in stage.commands:
+        extra: tuple[str, ...] = ()
+        if command.role == "train":
+            ckpt = Path(f"{command.session()}.ckpt")
+            if resume and ckpt.is_file():
+                extra = ("--resume",)
+            else:
+                ckpt.unlink(missing_ok=True)
+        elif command.role == "infer":
+            # Resuming: keep the images this stage finished, redo folders of another origin (a
+            # command of the stage that had not started yet when the run was killed).
+            extra = ("--overwrite", "stale") if resume else ("--overwrite",)
+        results.append(command.run(extra))
+    return results
+
+
+def select(args: argparse.Namespace) -> tuple[int, int]:
+    """The range of stages that ``--from`` / ``--only`` force to run again."""
+    if args.only:
+        i = STAGES.index(args.only)
+        return i, i + 1
+    if args.from_stage:
+        return STAGES.index(args.from_stage), len(STAGES)
+    return len(STAGES), len(STAGES)
 
 
 def run(args: argparse.Namespace) -> dict:
     tic = time.time()
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    demo = args.voc12_root is None
-    if demo:
-        from voc12.demo import make_demo_dataset
-
-        n_train = max(16, int(DEMO["num_train"] * args.demo_scale))
-        n_val = max(8, int(DEMO["num_val"] * args.demo_scale))
-        root = out / "data"
-        make_demo_dataset(root, num_train=n_train, num_val=n_val, image_size=args.demo_image_size,
-                          seed=args.seed, num_classes=args.demo_classes)
-        classes_file = str(root / "classes.txt")
-        lists = {"train": str(root / "train.txt"), "val": str(root / "val.txt")}
-        train_list = lists["train"]
-    else:
-        root = Path(args.voc12_root)
-        if not root.is_dir():
-            raise InputError(f"--voc12_root {root} is not a folder")
-        classes_file = args.dataset_classes
-        lists = {"train": "voc12/train.txt", "val": "voc12/val.txt"}
-        train_list = "voc12/train_aug.txt"
-
-    data = ["--voc12_root", str(root)] + (["--dataset_classes", classes_file] if classes_file else [])
-    common = list(data)
-    if args.device:
-        common += ["--device", args.device]
-    train_common = common + ["--tblog_dir", str(out / "tblog"), "--train_list", train_list]
-    if demo:
-        epochs = {k: ["--max_epoches", str(max(1, round(DEMO[k] * args.demo_scale)))]
-                  for k in ("round1_epoches", "sb_epoches", "aff_epoches")}
-        common += ["--backbone_width", str(DEMO["backbone_width"]), "--num_workers", str(DEMO["num_workers"])]
-        train_common += ["--backbone_width", str(DEMO["backbone_width"]), "--num_workers",
-                         str(DEMO["num_workers"]), "--train_bn", "--crop_size", str(args.demo_image_size),
-                         "--batch_size",
-                         str(DEMO["batch_size"]), "--lr", str(DEMO["lr"]), "--momentum", str(DEMO["momentum"]),
-                         "--seed", str(args.seed)]
-        # No ImageNet weights in the demo: the first round stands in for pretraining, so the SB
-        # step starts from it and AffinityNet from the SB step's backbone.
-        weights = []
-        # From random init the CAMs are large and the smoothness loss (weight 1 for ImageNet
-        # starts) flattens them; a tenth keeps its effect without the collapse.
-        sb_only = ["--resize_long", str(args.demo_image_size * 6 // 7), str(args.demo_image_size * 10 // 7)]
-        sb_step = ["--smooth_weight", str(DEMO["smooth_weight"])]
-        # 20x20 feature maps, not VOC's 63x47: a shorter walk with a larger background share.
-        walk = ["--alpha", str(DEMO["rw_alpha"]), "--logt", str(DEMO["rw_logt"])]
-    else:
-        epochs = {"round1_epoches": [], "sb_epoches": [], "aff_epoches": []}  # the scripts' defaults
-        weights = ["--weights", args.weights] if args.weights else []
-        sb_only, sb_step, walk = [], [], []
-
-    # Round 1: the SEAM baseline; its CRF outputs give the pseudo-label boundary maps.
-    r1 = str(out / "round1")
-    stage(train_SB, train_common + weights + sb_only + epochs["round1_epoches"]
-          + ["--session_name", r1, "--boundary_weight", "0", "--smooth_weight", "0"])
-    stage(infer_SB, common + ["--weights", r1 + ".pth", "--infer_list", train_list,
-                              "--out_crf", str(out / "round1_crf")])
-    sb_dir = out / "sb_map"
-    sb_map.run(sb_map.get_arg_parser().parse_args(
-        data + ["--list", train_list, "--crf_dir", str(infer_SB.crf_dir(str(out / "round1_crf"), LA)),
-                "--out_dir", str(sb_dir)]))
-
-    # The SB step, its CAMs and CRFs on train and val.
-    sb = str(out / "sb")
-    sb_init = ["--weights", r1 + ".pth"] if demo else weights
-    stage(train_SB, train_common + sb_init + sb_only + sb_step + epochs["sb_epoches"]
-          + ["--session_name", sb, "--sb_map_dir", str(sb_dir)])
-    # Inference covers the whole training list (train_aug on VOC: AffinityNet trains on its CRFs),
-    # so that the train split evaluated below is a subset of it.
-    infer_lists = {"train": train_list, "val": lists["val"]}
-    for split, lst in infer_lists.items():
-        stage(infer_SB, common + ["--weights", sb + ".pth", "--infer_list", lst, "--out_cam",
-                                  str(out / f"cam_{split}"), "--out_crf", str(out / f"crf_{split}")])
-
-    # AffinityNet on the train CRFs, then the random walk.
-    aff = str(out / "aff")
-    aff_init = ["--weights", sb + ".pth"] if demo else weights
-    stage(train_aff, train_common + aff_init + epochs["aff_epoches"]
-          + ["--session_name", aff, "--la_crf_dir", str(infer_SB.crf_dir(str(out / "crf_train"), LA)),
-             "--ha_crf_dir", str(infer_SB.crf_dir(str(out / "crf_train"), HA))])
-    for split, lst in infer_lists.items():
-        stage(infer_aff, common + walk + ["--weights", aff + ".pth", "--infer_list", lst, "--cam_dir",
-                                   str(out / f"cam_{split}"), "--out_rw", str(out / f"rw_{split}")])
-
-    results = evaluate_all(out, root, lists, classes_file)
-    results["seconds"] = round(time.time() - tic, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print_table(results)
-    write_figure(out, root, lists["val"])
-    print(f"\nresults: {out / 'results.json'}  picture: {out / 'demo.png'}  ({results['seconds']:.0f} s)")
-    return results
+    cfg = make_config(args)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    stages = build_stages(cfg)
+    state = StageState(cfg.out / STATE_FILE)
+    first_forced, end_forced = select(args)
+    results = None
+    previous = None
+    selection = f"--only {args.only}" if args.only else f"--from {args.from_stage}"
+    for index, stage in enumerate(stages):
+        if index < first_forced < len(STAGES):  # before the selection: taken as it is
+            if stage.name not in state.done:
+                raise InputError(f"stage {stage.name} has not finished in {cfg.out}; run without --from/--only first")
+            print(f"[{stage.name}] kept as it is ({selection})", flush=True)
+            previous = state.done[stage.name]
+            continue
+        if index >= end_forced:  # after --only: left for the next run
+            print(f"[{stage.name}] not run ({selection}); the next run redoes it", flush=True)
+            continue
+        fingerprint = stage.fingerprint(previous)
+        forced = first_forced <= index
+        if not forced and state.done.get(stage.name) == fingerprint:
+            print(f"[{stage.name}] up to date", flush=True)
+        else:
+            resume = not forced and state.running.get(stage.name) == fingerprint
+            why = "resuming" if resume else "forced" if forced else "inputs changed" if stage.name in state.done \
+                else "not run yet"
+            print(f"\n[{stage.name}] running ({why})", flush=True)
+            state.start(stage.name, fingerprint)
+            outputs = run_stage(stage, resume)
+            if stage.name == "eval":
+                write_results(cfg, outputs, seconds=time.time() - tic)
+            state.finish(stage.name, fingerprint)
+        previous = fingerprint
+    if (cfg.out / "results.json").is_file() and "eval" in state.done:
+        results = json.loads((cfg.out / "results.json").read_text())
+        check_results(cfg, results)
+        print_table(results)
+        print(f"\nresults: {cfg.out / 'results.json'}  picture: {cfg.out / 'demo.png'}  "
+              f"({time.time() - tic:.0f} s)")
+    return results or {}
 
 
-def evaluate_all(out: Path, root: Path, lists: dict[str, str], classes_file: str | None) -> dict:
-    results: dict = {"cam": {}, "crf_la": {}, "crf_ha": {}, "rw": {}, "cam_threshold": {}}
-    for split, lst in lists.items():
-        base = ["--list", lst, "--gt_dir", str(root / "SegmentationClass"), "--logfile",
-                str(out / "evallog.txt")]
-        if classes_file:
-            base += ["--dataset_classes", classes_file]
-        cam = stage(evaluation, base + ["--predict_dir", str(out / f"cam_{split}"), "--type", "npz",
-                                        "--curve", "True", "--comment", f"cam_{split}"])
-        results["cam"][split] = cam["mIoU"]
-        results["cam_threshold"][split] = cam.get("threshold")
-        for key, alpha in (("crf_la", LA), ("crf_ha", HA)):
-            res = stage(evaluation, base + ["--predict_dir", str(infer_SB.crf_dir(str(out / f"crf_{split}"), alpha)),
-                                            "--type", "npz",
-                                            "--comment", f"{key}_{split}"])
-            results[key][split] = res["mIoU"]
-        res = stage(evaluation, base + ["--predict_dir", str(out / f"rw_{split}"), "--type", "png",
-                                        "--comment", f"rw_{split}"])
-        results["rw"][split] = res["mIoU"]
-    return results
+def write_results(cfg: Config, outputs: list[dict], seconds: float) -> None:
+    """The table's numbers, with the provenance hash of every folder they were computed from and
+    the time the run that computed them took."""
+    results: dict = {key: {} for key, _, _ in EVALUATED}
+    results["cam_threshold"], results["provenance"] = {}, {}
+    pairs = [(split, key) for split in cfg.eval_lists for key, _, _ in EVALUATED]
+    for (split, key), res in zip(pairs, outputs, strict=True):
+        results[key][split] = res["mIoU"]
+        results["provenance"][f"{key}_{split}"] = res.get("provenance")
+        if key == "cam":
+            results["cam_threshold"][split] = res.get("threshold")
+    results["seconds"] = round(seconds, 1)
+    with atomic_path(cfg.out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    write_figure(cfg.out, cfg.root, cfg.eval_lists["val"])
+
+
+def check_results(cfg: Config, results: dict) -> None:
+    """Refuse to print numbers of folders that changed since they were evaluated."""
+    for split in cfg.eval_lists:
+        for key, folder, _ in EVALUATED:
+            now = provenance.folder_digest(cfg.out / folder.format(split))
+            if results["provenance"][f"{key}_{split}"] != now:
+                raise InputError(f"{cfg.out / folder.format(split)} changed after it was evaluated; "
+                                 "rerun with --from eval")
 
 
 def print_table(results: dict) -> None:
     print(f"\n{'mIoU (%)':<22} train     val")
-    for key, title in (("cam", "CAM (best threshold)"), ("crf_la", "CRF la (alpha 4)"),
-                       ("crf_ha", "CRF ha (alpha 24)"), ("rw", "random walk")):
+    for key, title in (("cam", "CAM (best threshold)"), ("crf_la", f"CRF la (alpha {LA})"),
+                       ("crf_ha", f"CRF ha (alpha {HA})"), ("rw", "random walk")):
         print(f"{title:<22}{results[key]['train']:>6.1f}  {results[key]['val']:>6.1f}")
 
 
@@ -195,7 +354,83 @@ def write_figure(out: Path, root: Path, val_list: str, count: int = 4) -> None:
         cam = blend(img, heatmap(cam_max_score(out / "cam_val" / f"{name}.npz", img.shape[:2])))
         rw = colorize_label(load_label_png(out / "rw_val" / f"{name}.png"))
         rows.append(figure_row(img, [gt, cam, rw]))
-    Image.fromarray(stack_rows(rows)).save(out / "demo.png")
+    with atomic_path(out / "demo.png") as tmp:
+        Image.fromarray(stack_rows(rows)).save(tmp, format="PNG")
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    out = Path(args.out_dir)
+    small_run = {"backbone_width": args.backbone_width, "num_workers": args.num_workers,
+                 "batch_size": args.batch_size, "crop_size": args.crop_size,
+                 "resize_long": tuple(args.resize_long) if args.resize_long else None}
+    epochs = {"round1": args.round1_epoches, "sb": args.sb_epoches, "aff": args.aff_epoches}
+    if args.voc12_root is not None:
+        root = Path(args.voc12_root)
+        if not root.is_dir():
+            raise InputError(f"--voc12_root {root} is not a folder")
+        return Config(out=out, root=root, classes_file=args.dataset_classes, demo=False, weights=args.weights,
+                      train_list=args.train_list or "voc12/train_aug.txt",
+                      eval_lists={"train": args.eval_train_list or "voc12/train.txt",
+                                  "val": args.val_list or "voc12/val.txt"},
+                      device=args.device, seed=args.seed, epochs=epochs, **small_run)
+    from voc12.demo import make_demo_dataset
+
+    root = out / "data"
+    make_demo_dataset(root, num_train=max(16, int(DEMO["num_train"] * args.demo_scale)),
+                      num_val=max(8, int(DEMO["num_val"] * args.demo_scale)), image_size=args.demo_image_size,
+                      seed=args.seed, num_classes=args.demo_classes)
+    size = args.demo_image_size
+    demo_epochs = {k: max(1, round(DEMO[f"{k}_epoches"] * args.demo_scale)) for k in epochs}
+    defaults = {"backbone_width": DEMO["backbone_width"], "num_workers": DEMO["num_workers"],
+                "batch_size": DEMO["batch_size"], "crop_size": size, "resize_long": (size * 6 // 7, size * 10 // 7)}
+    return Config(
+        out=out, root=root, classes_file=str(root / "classes.txt"), demo=True, weights=None,
+        train_list=str(root / "train.txt"), eval_lists={split: str(root / f"{split}.txt") for split in SPLITS},
+        device=args.device, seed=args.seed, train_bn=True, lr=DEMO["lr"], momentum=DEMO["momentum"],
+        epochs={k: v if v is not None else demo_epochs[k] for k, v in epochs.items()},
+        # From random init the CAMs are large and the smoothness loss (weight 1 for ImageNet
+        # starts) flattens them; a tenth keeps its effect without the collapse.
+        smooth_weight=DEMO["smooth_weight"],
+        # 20x20 feature maps, not VOC's 63x47: a shorter walk with a larger background share.
+        rw_alpha=DEMO["rw_alpha"], rw_logt=DEMO["rw_logt"],
+        **{k: v if v is not None else defaults[k] for k, v in small_run.items()})
+
+
+def get_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--voc12_root", default=None, help="real VOC2012 (default: the generated demo)")
+    parser.add_argument("--weights", default=None, help="ImageNet weights for the real pipeline")
+    parser.add_argument("--out_dir", default="demo_out")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dataset_classes", default=None, help="class list of a custom dataset")
+    parser.add_argument("--seed", default=0, type=int)
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
+                      help="redo this stage and all after it; keep the ones before as they are")
+    runs.add_argument("--only", choices=STAGES, default=None, help="redo this stage alone")
+    small = parser.add_argument_group("size of the run (default: the demo's values, or the scripts' defaults "
+                                      "on real data)")
+    small.add_argument("--backbone_width", default=None, type=float, help="channel multiplier of ResNet-38")
+    small.add_argument("--batch_size", default=None, type=int)
+    small.add_argument("--crop_size", default=None, type=int)
+    small.add_argument("--resize_long", default=None, type=int, nargs=2, metavar=("MIN", "MAX"),
+                       help="random long-side resize of the SB step's training images")
+    small.add_argument("--round1_epoches", default=None, type=int)
+    small.add_argument("--sb_epoches", default=None, type=int)
+    small.add_argument("--aff_epoches", default=None, type=int)
+    small.add_argument("--num_workers", default=None, type=int)
+    real = parser.add_argument_group("lists on real data")
+    real.add_argument("--train_list", default=None, help="trained on and inferred (default: voc12/train_aug.txt)")
+    real.add_argument("--eval_train_list", default=None, help="train split evaluated (default: voc12/train.txt)")
+    real.add_argument("--val_list", default=None, help="val split inferred and evaluated (default: voc12/val.txt)")
+    demo = parser.add_argument_group("the generated demo")
+    demo.add_argument("--demo_classes", default=DEMO["num_classes"], type=int,
+                      help="object classes of the generated dataset")
+    demo.add_argument("--demo_image_size", default=DEMO["image_size"], type=int,
+                      help="long side of the generated images (also the training crop)")
+    demo.add_argument("--demo_scale", default=1.0, type=float,
+                      help="multiplies the demo's image counts and epochs (tests use less)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,7 @@ class TwoViews(torch.nn.Module):
         self.net = net
         self.scale = scale
 
-    def forward(self, img1: torch.Tensor) -> tuple[tuple, tuple]:
+    def forward(self, img1: torch.Tensor) -> tuple[resnet38_sb.SBOutput, resnet38_sb.SBOutput]:
         img2 = F.interpolate(img1, scale_factor=self.scale, mode="bilinear", align_corners=True)
         return self.net(img1), self.net(img2)
 
@@ -94,7 +94,7 @@ def train(args: argparse.Namespace, info: DistInfo) -> Path:
         return losses, out1
 
     def picture_fn(pack: dict, out1) -> np.ndarray:
-        return cam_picture(pack["img"][0], out1[1][0].detach(), pack["label"][0])
+        return cam_picture(pack["img"][0], out1.cam_rv[0].detach(), pack["label"][0])
 
     return fit(args=args, info=info, model=views, optimizer=optimizer, loader=loader, sampler=sampler,
                step_fn=step_fn, logger=logger, picture_fn=picture_fn, start=start, net=model)

@@ -14,7 +14,7 @@ import torch
 
 from network import resnet38_aff
 from network.resnet38d import load_weights
-from tool.cli import add_data_args, add_model_args, add_train_args, run_main
+from tool.cli import add_aff_model_args, add_data_args, add_model_args, add_train_args, run_main
 from tool.distributed import DistInfo, distributed_session, memory_format, wrap_model
 from tool.logutils import setup_logging
 from tool.losses import affinity_loss
@@ -29,7 +29,7 @@ def get_arg_parser() -> argparse.ArgumentParser:
     add_train_args(parser, session_name="resnet38_aff", max_epoches=8)
     parser.add_argument("--la_crf_dir", required=True, type=str, help="CRF outputs with the low background power")
     parser.add_argument("--ha_crf_dir", required=True, type=str, help="CRF outputs with the high background power")
-    parser.add_argument("--radius", default=5, type=int)
+    add_aff_model_args(parser)
     return parser
 
 

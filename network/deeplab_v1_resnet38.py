@@ -4,7 +4,7 @@
 Names: the backbone under ``backbone.`` (our ResNet-38 names), then ``conv_fov`` (3x3, dilation
 12, 512 x the backbone width, no bias), ``bn_fov``, ``conv_fov2`` (1x1, same width, no bias), ``bn_fov2``, dropout 0.5,
 ``cls_conv`` (1x1 with bias); the logits are upsampled (bilinear, align_corners True) to the
-input size. Input: RGB with the ImageNet normalisation (:class:`network.resnet38d.Normalize`).
+input size. Input: RGB with the ImageNet normalisation (:class:`tool.imutils.Normalize`).
 """
 from __future__ import annotations
 

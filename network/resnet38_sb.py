@@ -2,6 +2,8 @@
 boundary branch fused with a Canny edge map of the input."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cv2
 import numpy as np
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from network import resnet38d
+from tool.imutils import denormalize
 from voc12.classes import VOC
 
 CANNY_THRESHOLDS = (10, 100)
@@ -92,7 +95,7 @@ def canny_edges(x: torch.Tensor, on_rgb: bool = False) -> torch.Tensor:
     """
     x = x.detach()
     if on_rgb:
-        images = np.clip(np.rint(resnet38d.denormalize(x).float().cpu().numpy()), 0, 255).astype(np.uint8)
+        images = np.clip(np.rint(denormalize(x).float().cpu().numpy()), 0, 255).astype(np.uint8)
     else:
         images = released_uint8_cast(x.float().cpu().numpy())
     images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
@@ -116,8 +119,16 @@ def normalize_cam_for_pcm(cam: torch.Tensor) -> torch.Tensor:
 EDGE_CHANNELS = 32
 
 
+class SBOutput(NamedTuple):
+    """What the SB network returns; all maps at the input size."""
+
+    cam: torch.Tensor  # raw class activation maps (N, C, H, W), background in channel 0
+    cam_rv: torch.Tensor  # the CAMs refined by PCM
+    edge: torch.Tensor | None  # boundary logits (N, C, H, W); None when skipped
+
+
 class Net(resnet38d.Net):
-    """``forward(x) -> (cam, cam_rv, edge)``: raw CAM and PCM-refined CAM at the input size
+    """``forward(x) -> SBOutput(cam, cam_rv, edge)``: raw CAM and PCM-refined CAM at the input size
     (bilinear, align_corners), boundary logits at conv1 resolution (= the input size)."""
 
     def __init__(self, num_classes: int = VOC.num_classes, width: float = 1.0, freeze_bn: bool = True,
@@ -142,8 +153,7 @@ class Net(resnet38d.Net):
         self.edge_layer = SemanticEdgeModule((c["conv1"], c["conv3"], c["conv5"], c["conv6"]), num_classes,
                                              mid_channels=max(4, round(EDGE_CHANNELS * width)))
 
-    def forward(self, x: torch.Tensor, with_edge: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, with_edge: bool = True) -> SBOutput:
         """``with_edge=False`` skips the boundary branch (inference needs only the CAMs) and
         returns ``None`` for it."""
         size = x.shape[2:]
@@ -160,11 +170,11 @@ class Net(resnet38d.Net):
         cam = F.interpolate(cam, size, mode="bilinear", align_corners=True)
 
         if not with_edge:
-            return cam, cam_rv, None
+            return SBOutput(cam, cam_rv, None)
         edge = self.edge_layer(d["conv1"], d["conv3"], d["conv5"], d["conv6"])
         canny = canny_edges(x, self.canny_on_rgb).expand(-1, edge.shape[1], -1, -1)
         edge = self.fuse_canny_edge(torch.cat([edge, canny], dim=1))
-        return cam, cam_rv, edge
+        return SBOutput(cam, cam_rv, edge)
 
     def pcm(self, cam: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Pixel correlation module: ``cam_rv = cam @ A`` with ``A = ReLU(f^T f)`` column-normalised,

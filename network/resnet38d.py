@@ -1,4 +1,5 @@
-"""Wide ResNet-38 ("model A1", output stride 8), its input normalisation and its weight loaders.
+"""Wide ResNet-38 ("model A1", output stride 8) and its weight loaders (input normalisation:
+:mod:`tool.imutils`).
 
 Parameter names equal the released ones (SEAM, SBNet, PSA), so their checkpoints load with
 ``strict=True`` and the ImageNet weights (an MXNet ``.params`` file) load without MXNet.
@@ -17,10 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tool.fileio import InputError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from tool.errors import InputError
 
 # Channels of the full-width network at the BN-ReLU inputs of b2, b3, b4, b5, b6, b7 and after bn7.
 FULL_WIDTH_CHANNELS = {"conv1": 64, "conv2": 128, "conv3": 256, "conv4": 512, "conv5": 1024,
@@ -195,31 +193,6 @@ class Net(nn.Module):
             if m.bias is not None and id(m.bias) not in frozen:
                 groups[offset + 1].append(m.bias)
         return groups
-
-
-class Normalize:
-    """uint8 HWC RGB image -> float32 HWC, ``(img / 255 - mean) / std`` per channel (in float64,
-    as the released code computes it)."""
-
-    def __init__(self, mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
-        self.mean = mean
-        self.std = std
-
-    def __call__(self, img: np.ndarray) -> np.ndarray:
-        img = np.asarray(img)
-        out = np.empty(img.shape, np.float32)
-        for ch in range(3):
-            out[..., ch] = (img[..., ch] / 255.0 - self.mean[ch]) / self.std[ch]
-        return out
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Undo :class:`Normalize` on a CHW or NCHW tensor: RGB values on the 0..255 scale (unclipped)."""
-    shape = (3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(shape)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(shape)
-    return (x * std + mean) * 255.0
 
 
 # --- MXNet NDArray list files (.params), read without MXNet --------------------------------------

@@ -9,8 +9,8 @@ import numpy as np
 from torch import nn
 
 from network import deeplab_v1_resnet38, deeplab_v2
-from network.resnet38d import Normalize
 from tool.errors import InputError
+from tool.imutils import Normalize
 
 DEFAULT_INPUT = {"resnet101": "caffe", "resnet38": "imagenet"}
 

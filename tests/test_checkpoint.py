@@ -23,11 +23,12 @@ from tool.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tool.fileio import InputError
+from tool.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = Path(__file__).parent / "helpers" / "tiny_train.py"
 # 64 samples, global batch 8: 8 steps an epoch, 3 epochs; step 11 is batch 3 of epoch 2.
+# tiny_train pauses before that step until the test signals it.
 STOP_STEP = 11
 
 
@@ -78,10 +79,10 @@ def tiny_model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
 @pytest.mark.timeout(120)
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference_weights):
     proc = tiny_train(tmp_path, "--workers", "2", "--pause_at", str(STOP_STEP))
-    wait_for_line(proc, f"step {STOP_STEP} ")
+    wait_for_line(proc, f"paused before step {STOP_STEP}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = load_checkpoint(tmp_path / "tiny.ckpt")
     assert (ckpt["epoch"], ckpt["step"], ckpt["extra"]["batch"]) == (1, 8, 0)
     run_to_end(tmp_path, "--workers", "2", "--resume")
     # Workers or none, killed or not: the same weights to the last bit.
@@ -96,18 +97,34 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference_weig
 def test_signal_checkpoints_the_step_and_resumes_bit_identical(tmp_path, reference_weights, signum,
                                                                whole_group, workers):
     proc = tiny_train(tmp_path, "--workers", workers, "--pause_at", str(STOP_STEP))
-    wait_for_line(proc, f"step {STOP_STEP} ")
+    wait_for_line(proc, f"paused before step {STOP_STEP}")
     if whole_group:
         os.killpg(proc.pid, signum)
     else:
         proc.send_signal(signum)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, output
-    assert f"stopped at step {STOP_STEP}" in output and "Traceback" not in output
-    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert f"stopped by signal at step {STOP_STEP}" in output and "Traceback" not in output
+    ckpt = load_checkpoint(tmp_path / "tiny.ckpt")
     assert (ckpt["epoch"], ckpt["step"], ckpt["extra"]["batch"]) == (1, STOP_STEP, STOP_STEP - 8)
     run_to_end(tmp_path, "--workers", workers, "--resume")
     assert_same_weights(final_weights(tmp_path), reference_weights)
+
+
+@pytest.mark.timeout(120)
+def test_save_every_epoch_keeps_each_epochs_weights_through_a_kill(tmp_path, reference_weights):
+    proc = tiny_train(tmp_path, "--save_every_epoch", "--pause_at", str(STOP_STEP))
+    wait_for_line(proc, f"paused before step {STOP_STEP}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["tiny_ep1.pth"]
+    epoch1 = torch.load(tmp_path / "tiny_ep1.pth", weights_only=True)
+    run_to_end(tmp_path, "--save_every_epoch", "--resume")
+    snapshots = ["tiny.pth", "tiny_ep1.pth", "tiny_ep2.pth", "tiny_ep3.pth"]
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == snapshots
+    assert_same_weights(torch.load(tmp_path / "tiny_ep1.pth", weights_only=True), epoch1)
+    assert_same_weights(torch.load(tmp_path / "tiny_ep3.pth", weights_only=True), reference_weights)
+    assert not torch.equal(epoch1["0.weight"], reference_weights["0.weight"])
 
 
 SLOW_SAVE = """

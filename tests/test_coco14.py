@@ -19,10 +19,10 @@ import train_aff
 import train_SB
 from coco14 import prepare
 from coco14.synthetic import COCO_CATEGORIES, make_synthetic_coco
-from tool.fileio import load_img_name_list, load_label_png
+from tool.fileio import load_img_name_list, load_label_png, read_image
 from voc12 import sb_map
 from voc12.classes import load_classes
-from voc12.data import load_image_labels, read_image
+from voc12.data import load_image_labels
 
 NUM_TRAIN, NUM_VAL = 10, 7  # 4 hand-made images and 6 / 3 random scenes
 

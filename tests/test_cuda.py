@@ -25,11 +25,11 @@ import train_aff
 import train_SB
 from network import resnet38_aff, resnet38_sb
 from tool import trainloop
-from tool.fileio import load_label_png, save_scores
+from tool.fileio import load_label_png, save_sb_map, save_scores
 from tool.losses import sb_step_loss
 from voc12.classes import load_classes
 from voc12.data import VOC12ClsDatasetMSF, VOC12ImageDataset, load_img_name_list
-from voc12.sb_map import boundaries_from_labels, save_sb_map
+from voc12.sb_map import boundaries_from_labels
 
 GPU_COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
 NEEDS_GPU = pytest.mark.skipif(GPU_COUNT == 0, reason="needs a CUDA GPU")

@@ -10,10 +10,11 @@ import scipy.io
 import torch
 from PIL import Image
 
-from network.resnet38d import IMAGENET_MEAN, IMAGENET_STD
 from tool import imutils
 from tool.affinity import extract_affinity_labels, search_offsets
-from tool.fileio import InputError, save_scores
+from tool.errors import InputError
+from tool.fileio import save_sb_map, save_scores
+from tool.imutils import IMAGENET_MEAN, IMAGENET_STD
 from voc12 import make_lists
 from voc12.classes import VOC, ClassList
 from voc12.data import (
@@ -26,7 +27,6 @@ from voc12.data import (
     load_img_name_list,
     save_image_labels,
 )
-from voc12.sb_map import save_sb_map
 
 XML_DIR = Path(__file__).parent / "data" / "voc_xml"
 

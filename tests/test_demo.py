@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tool.fileio import load_label_png
+from tool.fileio import load_img_name_list, load_label_png, read_image
 from voc12.classes import IGNORE_INDEX, VOC, load_classes
-from voc12.data import VOC12ClsDataset, load_image_labels, load_img_name_list, read_image
+from voc12.data import VOC12ClsDataset, load_image_labels
 from voc12.demo import make_demo_dataset
 from voc12.make_lists import SPLIT_FOLDER
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tool.distributed import DistInfo, all_reduce_mean, init_distributed, shard, unwrap, wrap_model
-from tool.fileio import InputError
+from tool.errors import InputError
 from tool.logutils import AverageMeter, TBWriter, Timer, progress, setup_logging
 
 TINY_TRAIN = Path(__file__).parent / "helpers" / "tiny_train.py"
@@ -47,8 +47,9 @@ def test_torchrun_two_ranks_train_on_disjoint_data_and_end_identical(tmp_path):
     # Different data on each rank, yet the same weights: the gradients were averaged every step.
     for key, value in ranks[0]["model"].items():
         assert torch.equal(value, ranks[1]["model"][key]), key
-    assert "[rank 0] INFO step 8 loss" in result.stdout and "[rank 1] INFO" not in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "final_rank0.pt", "final_rank1.pt"]
+    assert "[rank 0] INFO step 8/8 epoch 1 " in result.stdout and "[rank 1] INFO" not in result.stdout
+    assert "weights identical on all 2 ranks" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_rank0.pt", "final_rank1.pt", "tiny.ckpt", "tiny.pth"]
 
 
 def load_tiny_train():

@@ -16,9 +16,8 @@ import infer_aff
 import infer_SB
 import train_SB
 from network import resnet38_aff, resnet38_sb
-from tool.fileio import load_img_name_list
+from tool.fileio import load_img_name_list, save_sb_map
 from voc12.classes import load_classes
-from voc12.sb_map import save_sb_map
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--backbone_width", "0.125", "--train_bn", "--crop_size", "64", "--batch_size", "4", "--num_workers", "0",

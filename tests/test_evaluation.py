@@ -14,7 +14,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 import evaluation
 from tool import iou
-from tool.fileio import InputError, save_label_png, save_scores
+from tool.errors import InputError
+from tool.fileio import save_label_png, save_scores
 from tool.iou import cam_curve_confusions, confusion_matrix, iou_from_confusion
 from voc12.classes import VOC
 

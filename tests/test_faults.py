@@ -25,12 +25,13 @@ import train_SB
 from network import resnet38_aff, resnet38_sb
 from network.resnet38d import load_weights
 from tool.cli import file_system_message
-from tool.fileio import InputError, load_img_name_list, load_scores
+from tool.errors import InputError
+from tool.fileio import load_img_name_list, load_sb_map, load_scores, read_image
 from tool.losses import boundary_loss
 from tool.trainloop import make_train_loader
 from voc12 import sb_map
 from voc12.classes import VOC, load_classes
-from voc12.data import VOC12ClsDatasetMSF, read_image
+from voc12.data import VOC12ClsDatasetMSF
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--backbone_width", "0.125", "--train_bn", "--crop_size", "32", "--batch_size", "2", "--max_epoches", "1",
@@ -265,7 +266,7 @@ def test_sbd_upper_bound_with_images_sbd_lacks(tmp_path, capsys):
     save_scores(tmp_path / "crf" / "b.npz", present, np.stack([(b_label == c) * 1.0 for c in present]))
     sb_map.run(sb_map.parse_args([*args, "--fallback_crf_dir", str(tmp_path / "crf")]))
     assert "their maps come from the CRF files" in capsys.readouterr().out
-    assert sb_map.load_sb_map(out / "b.npz")[CAT].any()
+    assert load_sb_map(out / "b.npz")[CAT].any()
     with pytest.raises(InputError, match="SBD file not found|not an SBD GTcls"):
         sb_map.sbd_boundaries(cls_dir / "missing.mat", VOC.num_classes)
 

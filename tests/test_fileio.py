@@ -7,13 +7,15 @@ import pickle
 import numpy as np
 import pytest
 
+from tool.errors import InputError
 from tool.fileio import (
-    InputError,
     atomic_path,
     is_valid_scores,
     load_img_name_list,
+    load_sb_map,
     load_scores,
     save_label_png,
+    save_sb_map,
     save_scores,
 )
 
@@ -81,7 +83,6 @@ def test_image_lists(tmp_path):
 
 
 def test_truncated_boundary_map(tmp_path):
-    from voc12.sb_map import load_sb_map, save_sb_map
 
     save_sb_map(tmp_path / "m.npz", np.random.default_rng(0).random((3, 20, 20)))
     data = (tmp_path / "m.npz").read_bytes()

@@ -35,7 +35,7 @@ def test_multiscale_cam_equals_one_pass_per_view():
     total = np.zeros((3, *size))
     with torch.no_grad():
         for i, view in enumerate(views):
-            cam_rv = model(view[None])[1]
+            cam_rv = model(view[None]).cam_rv
             cam = F.interpolate(cam_rv[:, 1:], size, mode="bilinear", align_corners=False)[0].double().numpy()
             total += (cam[..., ::-1] if i % 2 else cam) * label.view(-1, 1, 1).numpy()
     np.testing.assert_allclose(ours, released_norm(total), rtol=1e-4, atol=1e-5)

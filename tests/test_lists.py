@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tool.fileio import InputError, load_img_name_list, read_text
+from tool.errors import InputError
+from tool.fileio import load_img_name_list, read_text
 from voc12 import make_lists
 from voc12.classes import VOC, load_classes
 from voc12.data import load_image_labels

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from network.resnet38_sb import SBOutput
 from tool import losses
 from voc12.classes import VOC
 
@@ -291,8 +292,8 @@ def released():
 
 def run_sb_step(inputs, dtype, **kwargs):
     leaves = {name: torch.from_numpy(inputs[name]).to(dtype).requires_grad_() for name in OUTPUT_NAMES}
-    out1 = tuple(leaves[name] for name in OUTPUT_NAMES[:3])
-    out2 = tuple(leaves[name] for name in OUTPUT_NAMES[3:])
+    out1 = SBOutput(*(leaves[name] for name in OUTPUT_NAMES[:3]))
+    out2 = SBOutput(*(leaves[name] for name in OUTPUT_NAMES[3:]))
     sb_map = kwargs.pop("sb_map", torch.from_numpy(inputs["sb_map"]).to(dtype))
     result = losses.sb_step_loss(out1, out2, torch.from_numpy(inputs["label"]), sb_map, scale=SCALE, **kwargs)
     result["loss"].backward()
@@ -328,8 +329,8 @@ def test_seam_baseline_is_cls_er_ecr(case, released):
     name, seed, *shape = case
     inputs = make_sb_inputs(seed, *shape)
     leaves = {k: torch.from_numpy(inputs[k]).requires_grad_() for k in ("cam1", "cam_rv1", "cam2", "cam_rv2")}
-    out1 = (leaves["cam1"], leaves["cam_rv1"], None)
-    out2 = (leaves["cam2"], leaves["cam_rv2"], None)
+    out1 = SBOutput(leaves["cam1"], leaves["cam_rv1"], None)
+    out2 = SBOutput(leaves["cam2"], leaves["cam_rv2"], None)
     result = losses.sb_step_loss(out1, out2, torch.from_numpy(inputs["label"]), None, scale=SCALE,
                                  boundary_weight=0, smooth_weight=0)
     result["loss"].backward()
@@ -361,10 +362,10 @@ def test_sb_step_loss_needs_sb_map_for_positive_weights(weights):
 def test_sb_step_loss_under_autocast_computes_in_float32():
     inputs = make_sb_inputs(5, 1, 5, 16, 16)
     rounded = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in inputs.items()}
-    outs = [tuple(rounded[k] for k in OUTPUT_NAMES[:3]), tuple(rounded[k] for k in OUTPUT_NAMES[3:])]
+    outs = [SBOutput(*(rounded[k] for k in OUTPUT_NAMES[:3])), SBOutput(*(rounded[k] for k in OUTPUT_NAMES[3:]))]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = losses.sb_step_loss(*outs, rounded["label"], rounded["sb_map"], scale=SCALE)
-    full = losses.sb_step_loss(*[tuple(t.float() for t in out) for out in outs], rounded["label"].float(),
+    full = losses.sb_step_loss(*[SBOutput(*(t.float() for t in out)) for out in outs], rounded["label"].float(),
                                rounded["sb_map"].float(), scale=SCALE)
     for key, value in full.items():
         assert low[key].dtype == torch.float32

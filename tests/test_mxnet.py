@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from network import resnet38d
-from tool.fileio import InputError
+from tool.errors import InputError
 
 PARAMS = "mxnet_resnet38_subset.params"
 EXPECTED_TORCH_NAMES = {

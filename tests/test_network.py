@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from network import resnet38_aff, resnet38_sb, resnet38d
+from tool import imutils
 from tool.affinity import get_indices_of_pairs, search_offsets
-from tool.fileio import InputError
+from tool.errors import InputError
 from voc12.classes import VOC
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -37,7 +38,7 @@ def fill_deterministic(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
-    norm = resnet38d.Normalize()
+    norm = imutils.Normalize()
     return torch.from_numpy(np.stack([norm(im) for im in images]).transpose(0, 3, 1, 2).copy())
 
 
@@ -96,17 +97,19 @@ def test_normalize_equals_released_formula(released):
     images = released["sb_images"]
     x = to_input(images)
     assert np.array_equal(x.numpy(), released["sb_input"])
-    mean, std = np.array(resnet38d.IMAGENET_MEAN), np.array(resnet38d.IMAGENET_STD)
+    mean, std = np.array(imutils.IMAGENET_MEAN), np.array(imutils.IMAGENET_STD)
     expected = ((images / 255.0 - mean) / std).astype(np.float32).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(x.numpy(), expected, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(resnet38d.denormalize(x).numpy(), images.transpose(0, 3, 1, 2), atol=2e-4)
+    np.testing.assert_allclose(imutils.denormalize(x).numpy(), images.transpose(0, 3, 1, 2), atol=2e-4)
 
 
 def test_sb_forward_matches_released(released, sb_full):
     x = torch.from_numpy(released["sb_input"])
     with torch.no_grad():
         outputs = sb_full(x)
-    for name, out in zip(("cam", "cam_rv", "edge"), outputs, strict=True):
+    assert outputs._fields == ("cam", "cam_rv", "edge")
+    for name in outputs._fields:
+        out = getattr(outputs, name)
         assert out.shape == (2, VOC.num_classes, 64, 64)
         out = out.numpy()
         sample = out.reshape(-1)[released[f"sb_{name}_index"]]

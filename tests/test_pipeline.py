@@ -2,7 +2,9 @@
 dataset, resume after a kill, torchrun, and one-line errors for bad input."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +16,9 @@ import pytest
 import torch
 
 from evaluation import do_python_eval
-from tool.fileio import load_label_png, load_scores
+from tool import provenance
+from tool.fileio import load_img_name_list, load_label_png, load_scores
 from voc12.classes import load_classes
-from voc12.data import load_img_name_list
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = ["--backbone_width", "0.125"]
@@ -178,3 +180,33 @@ def test_distributed_inference_writes_each_output_once(stages: Path, tiny_voc: P
         np.testing.assert_array_equal(load_label_png(tmp_path / "rw" / f"{name}.png"),
                                       load_label_png(stages / "rw" / f"{name}.png"))
     assert result.returncode == 0
+
+
+def test_outputs_of_other_weights_are_refused_then_redone_with_overwrite(stages: Path, tiny_voc: Path,
+                                                                          tmp_path: Path):
+    cam, rw = tmp_path / "cam", tmp_path / "rw"
+    shutil.copytree(stages / "cam", cam)
+    shutil.copytree(stages / "rw", rw)
+    args = [*common_args(tiny_voc), *WIDTH, "--num_workers", "0", "--weights", stages / "r1.pth",
+            "--infer_list", tiny_voc / "train.txt", "--out_cam", cam]
+    refused = run_script("infer_SB.py", *args, check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "other weights_sha256" in refused.stderr and "--overwrite" in refused.stderr
+    names = load_img_name_list(tiny_voc / "train.txt")
+    assert all(np.array_equal(load_scores(cam / f"{n}.npz")[1], load_scores(stages / "cam" / f"{n}.npz")[1])
+               for n in names)  # refused: nothing touched
+
+    copied = {n: (cam / f"{n}.npz").stat().st_mtime_ns for n in names}
+    redone = run_script("infer_SB.py", *args, "--overwrite")
+    assert f"{len(names)} of {len(names)} images to infer" in redone.stdout
+    record = provenance.read_record(cam)
+    assert record["weights_sha256"] == hashlib.sha256((stages / "r1.pth").read_bytes()).hexdigest()
+    assert all((cam / f"{n}.npz").stat().st_mtime_ns > copied[n] for n in names)
+    assert not all(np.array_equal(load_scores(cam / f"{n}.npz")[1], load_scores(stages / "cam" / f"{n}.npz")[1])
+                   for n in names)
+
+    # The random walk of the old CAMs is stale now that the CAM folder changed.
+    walk = run_script("infer_aff.py", *common_args(tiny_voc), *WIDTH, "--num_workers", "0", "--weights",
+                      stages / "aff.pth", "--infer_list", tiny_voc / "train.txt", "--cam_dir", cam, "--out_rw", rw,
+                      check=False)
+    assert walk.returncode == 2 and "other cam_dir, cam_provenance" in walk.stderr, walk.stderr

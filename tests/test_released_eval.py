@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import evaluation
-from tool.fileio import InputError, load_scores, save_label_png, save_scores
+from tool.errors import InputError
+from tool.fileio import load_scores, save_label_png, save_scores
 
 DATA = Path(__file__).parent / "data" / "released_eval"
 REFERENCE = json.loads((DATA / "released_eval_reference.json").read_text())

@@ -9,7 +9,8 @@ import scipy.io
 import scipy.sparse
 from PIL import Image
 
-from tool.fileio import InputError, find_array_file, save_label_png, save_scores
+from tool.errors import InputError
+from tool.fileio import find_array_file, load_sb_map, save_label_png, save_sb_map, save_scores
 from voc12 import sb_map
 from voc12.classes import VOC
 
@@ -80,8 +81,8 @@ def test_save_load_round_trip(tmp_path):
     maps = rng.uniform(0, 1, (VOC.num_classes, 30, 40)).astype(np.float32)
     maps[3] = 0
     maps[4, 0, 0], maps[4, 0, 1] = 1.2, -0.1  # clipped on save
-    sb_map.save_sb_map(tmp_path / "a.npz", maps)
-    back = sb_map.load_sb_map(tmp_path / "a.npz")
+    save_sb_map(tmp_path / "a.npz", maps)
+    back = load_sb_map(tmp_path / "a.npz")
     assert back.shape == maps.shape and back.dtype == np.float32
     assert np.abs(back - np.clip(maps, 0, 1)).max() <= 0.5 / 255 + 1e-7
     with np.load(tmp_path / "a.npz") as z:
@@ -89,17 +90,17 @@ def test_save_load_round_trip(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "a.npz"]  # no temporary left behind
 
     np.save(tmp_path / "released.npy", maps)  # the released float arrays
-    np.testing.assert_array_equal(sb_map.load_sb_map(tmp_path / "released.npy"), maps)
+    np.testing.assert_array_equal(load_sb_map(tmp_path / "released.npy"), maps)
     assert find_array_file(tmp_path, "released") == tmp_path / "released.npy"
     assert find_array_file(tmp_path, "a") == tmp_path / "a.npz"
     np.save(tmp_path / "pickled.npy", np.array([{"x": 1}], dtype=object))
     with pytest.raises(InputError, match="not a boundary map"):
-        sb_map.load_sb_map(tmp_path / "pickled.npy")
+        load_sb_map(tmp_path / "pickled.npy")
     with pytest.raises(InputError, match="boundary map not found"):
-        sb_map.load_sb_map(tmp_path / "missing.npz")
+        load_sb_map(tmp_path / "missing.npz")
     np.save(tmp_path / "flat.npy", np.zeros((30, 40)))
     with pytest.raises(InputError, match=r"not \(classes, H, W\)"):
-        sb_map.load_sb_map(tmp_path / "flat.npy")
+        load_sb_map(tmp_path / "flat.npy")
 
 
 def tiny_tree(root: Path) -> list[tuple[str, np.ndarray]]:
@@ -130,10 +131,10 @@ def test_command_from_crf_scores_and_label_pngs(tmp_path, workers):
     sb_map.run(sb_map.parse_args(command(tmp_path, "--label_dir", str(tmp_path / "png"), "--out_dir",
                                          str(tmp_path / "from_png"), "--width", "1", "--sigma", "0.5")))
     for name, label in labels:
-        from_crf = sb_map.load_sb_map(tmp_path / "sb_map" / f"{name}.npz")
+        from_crf = load_sb_map(tmp_path / "sb_map" / f"{name}.npz")
         expected = sb_map.boundaries_from_labels(np.where(label == 255, 0, label), VOC.num_classes)
         np.testing.assert_allclose(from_crf, expected, atol=0.5 / 255)
-        from_png = sb_map.load_sb_map(tmp_path / "from_png" / f"{name}.npz")
+        from_png = load_sb_map(tmp_path / "from_png" / f"{name}.npz")
         expected = sb_map.boundaries_from_labels(np.where(label == 255, 0, label), VOC.num_classes, 1.0, 0.5)
         np.testing.assert_allclose(from_png, expected, atol=0.5 / 255)
 
@@ -151,7 +152,7 @@ def test_command_sbd_upper_bound(tmp_path):
             boundaries[k] = scipy.sparse.csc_matrix(edge)
         scipy.io.savemat(cls_dir / f"{name}.mat", {"GTcls": {"Boundaries": boundaries, "Segmentation": label}})
     sb_map.run(sb_map.parse_args(command(tmp_path, "--sbd_upper_bound", str(tmp_path / "benchmark_RELEASE"))))
-    maps = sb_map.load_sb_map(tmp_path / "sb_map" / "a.npz")
+    maps = load_sb_map(tmp_path / "sb_map" / "a.npz")
     row = labels[0][1].shape[0] // 2
     assert (maps[CAT, row, 3:9] == 1).all() and (maps[0, row, 3:9] == 1).all()
     assert maps[CAT, row, 20] == 0 and not np.delete(maps, [0, CAT], axis=0).any()

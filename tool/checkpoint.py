@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from tool.distributed import unwrap
-from tool.errors import NonFiniteLoss
-from tool.fileio import InputError, atomic_path
+from tool.errors import InputError, NonFiniteLoss
+from tool.fileio import atomic_path
 
 CHECKPOINT_FORMAT = "wsss-ckpt-1"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

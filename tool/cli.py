@@ -17,6 +17,8 @@ from typing import Any
 
 from tool.errors import InputError, NonFiniteLoss
 
+OVERWRITE_MODES = ("all", "stale")
+
 
 def str2bool(value: str | bool) -> bool:
     """Parse 'True'/'False'/'1'/'0'/'yes'/'no' (the released ``type=bool`` made 'False' true)."""
@@ -40,8 +42,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_classes", default=None, type=str,
                    help="class-list file of a custom dataset (default: the 20 VOC classes)")
     g.add_argument("--num_workers", default=8, type=int)
-    g.add_argument("--allow_pickle", action="store_true",
-                   help="read the released code's pickled .npy CAM/CRF files (trusted files only)")
+    add_allow_pickle_arg(g)
+
+
+def add_allow_pickle_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The one switch that lets a script unpickle the released code's ``.npy`` files."""
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="read the released code's pickled .npy CAM/CRF files (trusted files only)")
 
 
 def add_model_args(parser: argparse.ArgumentParser, weights_required: bool) -> None:
@@ -60,6 +67,12 @@ def add_sb_model_args(parser: argparse.ArgumentParser) -> None:
     """Options of the SB network that training and inference must agree on."""
     parser.add_argument("--canny_on_rgb", action="store_true",
                         help="Canny on the real RGB image (the released code runs it on the normalised tensor)")
+
+
+def add_aff_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options of AffinityNet that training and inference must agree on."""
+    parser.add_argument("--radius", default=5, type=int,
+                        help="pairs of positions within this distance on the 1/8 feature map get an affinity")
 
 
 def add_train_args(parser: argparse.ArgumentParser, *, session_name: str, max_epoches: int | None,
@@ -83,6 +96,8 @@ def add_train_args(parser: argparse.ArgumentParser, *, session_name: str, max_ep
     g.add_argument("--resume", default=None, nargs="?", const="auto", type=str,
                    help="continue from a training checkpoint (default: SESSION_NAME.ckpt)")
     g.add_argument("--seed", default=100000, type=int)
+    g.add_argument("--save_every_epoch", action="store_true",
+                   help="also keep the weights of every epoch, SESSION_NAME_epN.pth (the released code's snapshots)")
     g.add_argument("--train_bn", action="store_true",
                    help="let BatchNorm train (needed from random init; the paper freezes it)")
     g.add_argument("--skip_bad_images", action="store_true",
@@ -102,7 +117,9 @@ def add_seg_model_args(parser: argparse.ArgumentParser) -> None:
 def add_infer_args(parser: argparse.ArgumentParser, infer_list: str) -> None:
     g = parser.add_argument_group("inference")
     g.add_argument("--infer_list", default=infer_list, type=str)
-    g.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    g.add_argument("--overwrite", nargs="?", const="all", default=None, choices=OVERWRITE_MODES,
+                   help="redo outputs that already exist: all of them (the default), or with 'stale' only "
+                        "those of other weights, flags or code while finished ones of the same are kept")
 
 
 def run_main(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tool.fileio import InputError
+from tool.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 def shard(items: list, info: DistInfo) -> list:
     """This rank's share of ``items``: every ``world_size``-th item from position ``rank``."""
     return items[info.rank::info.world_size]
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here (a no-op for a single process)."""
+    if info.distributed:
+        dist.barrier()
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:

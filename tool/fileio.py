@@ -5,6 +5,9 @@ One score-map format serves CAMs, random-walk inputs and CRF outputs: an ``.npz`
 indices (0 = background, c = foreground class c). A CAM file holds foreground classes only; a CRF
 file holds the background too. Nothing is pickled: the released code's ``.npy`` dicts are read
 only when the caller passes ``allow_pickle=True``.
+
+The other formats: images (:func:`read_image`), label PNGs in the VOC palette, image lists and
+semantic boundary maps (``NAME.npz`` holding ``sb_map`` as uint8, ``round(255 * value)``).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from PIL import Image
 from tool.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The array name inside a boundary-map file.
+SB_MAP_KEY = "sb_map"
 # What np.load raises on a missing key, a truncated, corrupt or foreign .npy/.npz file.
 ARRAY_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
@@ -188,3 +193,62 @@ def load_label_png(path: str | Path) -> np.ndarray:
         raise InputError(f"label file not found: {path}") from None
     except OSError as e:
         raise InputError(f"{path} does not decode as an image ({e})") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as uint8 ``(H, W, 3)`` RGB."""
+    try:
+        with Image.open(path) as img:
+            return _to_rgb8(img, path)
+    except FileNotFoundError:
+        raise InputError(f"image file not found: {path}") from None
+    except OSError as e:
+        raise InputError(f"{path} does not decode as an image ({e})") from None
+
+
+def _to_rgb8(img: Image.Image, path: str | Path) -> np.ndarray:
+    """uint8 RGB of a decoded image; 16-bit grey is scaled to 8 bits (``convert`` would clip it at 255)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
+        grey = np.asarray(img).astype(np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise InputError(f"{path} is a {img.mode} image with values outside 0..65535; save it as 8-bit RGB")
+        return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise InputError(f"{path} is a floating-point image; save it as 8-bit RGB")
+    return np.asarray(img.convert("RGB"))
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file, read from its header."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except FileNotFoundError:
+        raise InputError(f"image file not found: {path}") from None
+    except OSError as e:
+        raise InputError(f"{path} does not decode as an image ({e})") from None
+
+
+def save_sb_map(path: str | Path, sb_map: np.ndarray) -> None:
+    """Write a boundary map as compressed uint8 (values clipped to [0, 1]), atomically."""
+    quantised = np.round(np.clip(sb_map, 0.0, 1.0) * 255).astype(np.uint8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **{SB_MAP_KEY: quantised})
+
+
+def load_sb_map(path: str | Path) -> np.ndarray:
+    """Read a boundary map (ours ``.npz`` or a released float ``.npy``) as float32 ``(C, H, W)``."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            sb_map = np.load(path, allow_pickle=False).astype(np.float32)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                sb_map = z[SB_MAP_KEY].astype(np.float32) / 255.0
+    except FileNotFoundError:
+        raise InputError(f"boundary map not found: {path}") from None
+    except ARRAY_READ_ERRORS as e:
+        raise InputError(f"{path} is not a boundary map ({e.__class__.__name__}: {e})") from None
+    if sb_map.ndim != 3:
+        raise InputError(f"{path} holds an array of shape {sb_map.shape}, not (classes, H, W)")
+    return sb_map

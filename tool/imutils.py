@@ -1,4 +1,5 @@
-"""Training-time image transforms on numpy arrays, applied jointly to an image and its maps.
+"""Image transforms on numpy arrays, applied jointly to an image and its maps, and the network
+input's normalisation (the one place that knows the ImageNet mean and std).
 
 An image is ``(H, W, 3)`` (uint8 RGB, or float32 once normalised); a *map* is ``(C, H, W)`` or
 ``(H, W)`` (a boundary map, CRF scores, a label map). Every geometric transform moves the image
@@ -12,9 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from skimage.transform import resize as spline_resize
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -142,6 +147,29 @@ def block_mean(m: np.ndarray, k: int) -> np.ndarray:
     return padded.reshape(c, hp // k, k, wp // k, k).mean(axis=(2, 4))
 
 
+class Normalize:
+    """uint8 HWC RGB image -> float32 HWC, ``(img / 255 - mean) / std`` per channel (in float64,
+    as the released code computes it)."""
+
+    def __init__(self, mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
+        self.mean = mean
+        self.std = std
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        img = np.asarray(img)
+        out = np.empty(img.shape, np.float32)
+        for ch in range(3):
+            out[..., ch] = (img[..., ch] / 255.0 - self.mean[ch]) / self.std[ch]
+        return out
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Undo :class:`Normalize` on a CHW or NCHW tensor: RGB values on the 0..255 scale (unclipped)."""
+    shape = (3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(shape)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(shape)
+    return (x * std + mean) * 255.0
 def random_pad_crop(rng: np.random.Generator, crop_size: int, img: np.ndarray, label: np.ndarray,
                     img_fill: float = 0, label_fill: int = 255) -> tuple[np.ndarray, np.ndarray]:
     """deeplab-pytorch's crop: pad the bottom and right up to ``crop_size`` (image ``img_fill``,

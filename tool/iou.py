@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from tool.fileio import InputError
+from tool.errors import InputError
 
 _BYTE_VALUES = 256
 # OpenCV counts in float32, exact while no bin passes 2^24; larger maps take np.bincount.

@@ -8,6 +8,8 @@ reproduce the released train_SB.py / train_aff.py computations in value and grad
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,14 @@ ECR_TOP_FRACTION = 0.2
 SMOOTH_EDGE_SHARPNESS = 10.0
 SMOOTH_FIRST_ORDER_WEIGHT = 10.0
 CHARBONNIER_EPS = 1e-3
+
+
+class SBViews(Protocol):
+    """One view's outputs of the SB network (``network.resnet38_sb.SBOutput``)."""
+
+    cam: torch.Tensor
+    cam_rv: torch.Tensor
+    edge: torch.Tensor | None
 
 
 def max_norm(p: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -171,12 +181,12 @@ def _resize(x: torch.Tensor, scale: float) -> torch.Tensor:
     return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=True)
 
 
-def sb_step_loss(out1: tuple, out2: tuple, label: torch.Tensor, sb_map: torch.Tensor | None,
+def sb_step_loss(out1: SBViews, out2: SBViews, label: torch.Tensor, sb_map: torch.Tensor | None,
                  scale: float = 0.3, boundary_weight: float = 0.01,
                  smooth_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """The whole per-step objective of the released train_SB.py.
 
-    out1, out2: (cam, cam_rv, edge) of view 1 and of view 2 = view 1 resized by ``scale``;
+    out1, out2: the network outputs (.cam, .cam_rv, .edge) of view 1 and of view 2 = view 1 resized by ``scale``;
     label: (N, K-1) foreground 0/1 labels; sb_map: (N, K, H, W) boundary map of view 1 in [0, 1].
     L = cls + rv_min + ER + ECR + boundary_weight/2 (B_1 + B_2) + smooth_weight/2 (S_1 + S_2),
     cls and rv_min averaged over the views. With both weights 0 this is SEAM: sb_map may be None
@@ -187,9 +197,9 @@ def sb_step_loss(out1: tuple, out2: tuple, label: torch.Tensor, sb_map: torch.Te
     if sb_map is None and (boundary_weight > 0 or smooth_weight > 0):
         raise ValueError("sb_step_loss needs sb_map when boundary_weight or smooth_weight is positive")
     # Under autocast the BCE would refuse half precision and the top-k means would lose it.
-    with torch.autocast(out1[0].device.type, enabled=False):
-        cam1, cam_rv1, edge1 = (_full_precision(t) for t in out1)
-        cam2, cam_rv2, edge2 = (_full_precision(t) for t in out2)
+    with torch.autocast(out1.cam.device.type, enabled=False):
+        cam1, cam_rv1, edge1 = (_full_precision(t) for t in (out1.cam, out1.cam_rv, out1.edge))
+        cam2, cam_rv2, edge2 = (_full_precision(t) for t in (out2.cam, out2.cam_rv, out2.edge))
         label = label.to(cam1.dtype)
         label = torch.cat((torch.ones_like(label[:, :1]), label), dim=1)[..., None, None]
         zero = cam1.new_zeros(())

@@ -6,7 +6,7 @@ that returns ``(losses, outputs)`` with ``losses['loss']`` the objective. ``fit`
 the same in every stage: the poly schedule's step count, checkpoints written atomically at each
 epoch end and on SIGTERM/SIGINT, exact resume (model, optimiser, RNG, position in the epoch), a
 stop on a non-finite loss that keeps the last good checkpoint, progress bars, log lines and
-TensorBoard curves.
+TensorBoard curves; with ``--save_every_epoch`` also the weights of every epoch.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from tool.checkpoint import (
     set_rng_state,
 )
 from tool.distributed import DistInfo, all_reduce_mean, ranks_agree, unwrap
-from tool.errors import NonFiniteLoss
-from tool.fileio import InputError, atomic_path
+from tool.errors import InputError, NonFiniteLoss
+from tool.fileio import atomic_path
 from tool.logutils import AverageMeter, TBWriter, Timer, progress
 from tool.torchutils import PolyOptimizer
 
@@ -54,6 +54,17 @@ def last_good_state(args: argparse.Namespace) -> str:
     if path.is_file():
         return f"the last good state is {path} (resume with --resume)"
     return "no checkpoint was written yet (it is written at each epoch end)"
+
+
+def epoch_weights_path(args: argparse.Namespace, epoch: int) -> Path:
+    """Where ``--save_every_epoch`` keeps the weights after ``epoch`` epochs (1-based)."""
+    return Path(f"{args.session_name}_ep{epoch}.pth")
+
+
+def save_weights(net: torch.nn.Module, path: Path) -> None:
+    """A plain state_dict, loadable by the released code, written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(net.state_dict(), tmp)
 
 
 def make_poly_optimizer(net: torch.nn.Module, args: argparse.Namespace, sampler: ResumableSampler) -> PolyOptimizer:
@@ -208,6 +219,9 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
                     logger.warning("stopped by signal at step %d; resume with --resume", step)
                     tb.close()
                     raise SystemExit(stop.exit_code or 143)
+            # The snapshot first: a run killed between the two redoes nothing and loses no snapshot.
+            if args.save_every_epoch and info.is_main:
+                save_weights(net, epoch_weights_path(args, epoch + 1))
             save(epoch + 1, 0)
     tb.close()
     return _save_final(args, info, net, logger)
@@ -221,8 +235,7 @@ def _save_final(args: argparse.Namespace, info: DistInfo, net: torch.nn.Module, 
         logger.info("weights identical on all %d ranks", info.world_size)
     final = final_weights_path(args)
     if info.is_main:
-        with atomic_path(final) as tmp:
-            torch.save(net.state_dict(), tmp)
+        save_weights(net, final)
         logger.info("saved %s", final)
     return final
 

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from network.resnet38d import IMAGENET_MEAN, IMAGENET_STD
-from tool.cli import run_main
-from tool.fileio import load_img_name_list, load_label_png, load_scores, voc_palette
-from voc12.data import read_image
+from tool.cli import add_allow_pickle_arg, run_main
+from tool.fileio import load_img_name_list, load_label_png, load_scores, read_image, voc_palette
+from tool.imutils import denormalize
 
 
 def colorize_label(label: np.ndarray) -> np.ndarray:
@@ -38,9 +37,8 @@ def blend(img: np.ndarray, overlay: np.ndarray, weight: float = 0.5) -> np.ndarr
 
 def denormalize_image(img: torch.Tensor | np.ndarray) -> np.ndarray:
     """A normalised CHW image back to uint8 HWC RGB."""
-    arr = img.detach().cpu().float().numpy() if isinstance(img, torch.Tensor) else np.asarray(img, np.float32)
-    arr = arr.transpose(1, 2, 0) * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)
-    return np.clip(arr * 255, 0, 255).astype(np.uint8)
+    rgb = denormalize(torch.as_tensor(img).detach().cpu().float()).numpy().transpose(1, 2, 0)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 def cam_picture(img: torch.Tensor, cam: torch.Tensor, label: torch.Tensor) -> np.ndarray:
@@ -114,7 +112,7 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pred_dir", default=None, nargs="+", help="prediction PNG folders, one panel each")
     parser.add_argument("--out", default="vis.png")
     parser.add_argument("--max_images", default=8, type=int)
-    parser.add_argument("--allow_pickle", action="store_true")
+    add_allow_pickle_arg(parser)
     return parser
 
 

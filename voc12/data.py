@@ -17,15 +17,22 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from network.resnet38d import Normalize
 from tool import imutils
 from tool.affinity import effective_radius, extract_affinity_labels
-from tool.fileio import InputError, atomic_path, find_array_file, load_img_name_list, load_label_png, load_scores
+from tool.errors import InputError
+from tool.fileio import (
+    atomic_path,
+    find_array_file,
+    load_img_name_list,
+    load_label_png,
+    load_sb_map,
+    load_scores,
+    read_image,
+)
+from tool.imutils import Normalize
 from voc12.classes import IGNORE_INDEX, ClassList
-from voc12.sb_map import load_sb_map
 
 IMG_FOLDER_NAME = "JPEGImages"
 LABEL_FILE_NAME = "cls_labels.npz"
@@ -68,40 +75,6 @@ def load_image_labels(label_file: str | Path, names: list[str], num_fg: int) -> 
 
 def image_path(voc12_root: str | Path, name: str) -> Path:
     return Path(voc12_root) / IMG_FOLDER_NAME / f"{name}.jpg"
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as uint8 ``(H, W, 3)`` RGB."""
-    try:
-        with Image.open(path) as img:
-            return _to_rgb8(img, path)
-    except FileNotFoundError:
-        raise InputError(f"image file not found: {path}") from None
-    except OSError as e:
-        raise InputError(f"{path} does not decode as an image ({e})") from None
-
-
-def _to_rgb8(img: Image.Image, path: str | Path) -> np.ndarray:
-    """uint8 RGB of a decoded image; 16-bit grey is scaled to 8 bits (``convert`` would clip it at 255)."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
-        grey = np.asarray(img).astype(np.int64)
-        if grey.min() < 0 or grey.max() > 65535:
-            raise InputError(f"{path} is a {img.mode} image with values outside 0..65535; save it as 8-bit RGB")
-        return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
-    if img.mode == "F":
-        raise InputError(f"{path} is a floating-point image; save it as 8-bit RGB")
-    return np.asarray(img.convert("RGB"))
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """``(H, W)`` of an image file, read from its header."""
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except FileNotFoundError:
-        raise InputError(f"image file not found: {path}") from None
-    except OSError as e:
-        raise InputError(f"{path} does not decode as an image ({e})") from None
 
 
 def first_item(batch: list) -> dict:

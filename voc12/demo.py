@@ -28,7 +28,8 @@ from PIL import Image
 from scipy.ndimage import binary_erosion, maximum_filter, minimum_filter
 
 from tool.cli import run_main
-from tool.fileio import InputError, atomic_path, save_label_png
+from tool.errors import InputError
+from tool.fileio import atomic_path, save_label_png
 from voc12 import make_lists
 from voc12.classes import IGNORE_INDEX, VOC, ClassList
 from voc12.make_lists import SPLIT_FOLDER

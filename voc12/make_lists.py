@@ -22,7 +22,8 @@ import numpy as np
 import scipy.io
 
 from tool.cli import run_main
-from tool.fileio import InputError, atomic_path, load_img_name_list, read_text
+from tool.errors import InputError
+from tool.fileio import atomic_path, load_img_name_list, read_text
 from voc12.classes import IGNORE_INDEX, ClassList, load_classes
 from voc12.data import LABEL_FILE_NAME, save_image_labels
 from voc12.sb_map import sbd_dataset_dir

@@ -11,7 +11,7 @@ this command's default source::
         --sbd_upper_bound benchmark_RELEASE   # ground-truth boundaries: an upper bound only
 
 Files are ``NAME.npz`` holding ``sb_map`` as uint8 (``round(255 * value)``, compressed);
-:func:`load_sb_map` also reads the released float ``.npy`` arrays.
+:func:`tool.fileio.load_sb_map` also reads the released float ``.npy`` arrays.
 """
 from __future__ import annotations
 
@@ -24,38 +24,15 @@ import numpy as np
 import scipy.io
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
+from tool import provenance
 from tool.cli import run_main
-from tool.fileio import ARRAY_READ_ERRORS, InputError, atomic_path, load_img_name_list, load_label_png, load_scores
+from tool.errors import InputError
+from tool.fileio import image_size, load_img_name_list, load_label_png, load_scores, save_sb_map
 from voc12.classes import IGNORE_INDEX, load_classes
+from voc12.data import image_path
 
-SB_MAP_KEY = "sb_map"
 # The Gaussian tail is cut at this many sigmas, so a map is exactly zero beyond it.
 TRUNCATE = 3.0
-
-
-def save_sb_map(path: str | Path, sb_map: np.ndarray) -> None:
-    """Write a boundary map as compressed uint8 (values clipped to [0, 1]), atomically."""
-    quantised = np.round(np.clip(sb_map, 0.0, 1.0) * 255).astype(np.uint8)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **{SB_MAP_KEY: quantised})
-
-
-def load_sb_map(path: str | Path) -> np.ndarray:
-    """Read a boundary map (ours ``.npz`` or a released float ``.npy``) as float32 ``(C, H, W)``."""
-    path = Path(path)
-    try:
-        if path.suffix == ".npy":
-            sb_map = np.load(path, allow_pickle=False).astype(np.float32)
-        else:
-            with np.load(path, allow_pickle=False) as z:
-                sb_map = z[SB_MAP_KEY].astype(np.float32) / 255.0
-    except FileNotFoundError:
-        raise InputError(f"boundary map not found: {path}") from None
-    except ARRAY_READ_ERRORS as e:
-        raise InputError(f"{path} is not a boundary map ({e.__class__.__name__}: {e})") from None
-    if sb_map.ndim != 3:
-        raise InputError(f"{path} holds an array of shape {sb_map.shape}, not (classes, H, W)")
-    return sb_map
 
 
 def soften(core: np.ndarray, sigma: float) -> np.ndarray:
@@ -138,8 +115,6 @@ def without_sbd_gaps(names: list[str], sbd_dir: Path, fallback_crf_dir: str | No
 
 def make_one(name: str, args: argparse.Namespace, num_classes: int, out_dir: Path) -> None:
     """Compute, check and write the boundary map of one image."""
-    from voc12.data import image_path, image_size  # voc12.data imports this module
-
     if args.crf_dir:
         path = Path(args.crf_dir) / f"{name}.npz"
         labels, scores = load_scores(path)
@@ -208,6 +183,13 @@ def run(args: argparse.Namespace) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.sbd_upper_bound:
         names = without_sbd_gaps(names, sbd_dataset_dir(args.sbd_upper_bound), args.fallback_crf_dir)
+    # Every listed map is made again: maps of another source are deleted first, so that a killed
+    # run never leaves a folder that mixes two sources under one record.
+    record = provenance.describe(__file__, inputs=[args.dataset_classes], flags={
+        "source": str(Path(source_dir).resolve()), "source_provenance": provenance.folder_digest(source_dir),
+        "kind": "crf" if args.crf_dir else "label" if args.label_dir else "sbd", "width": args.width,
+        "sigma": args.sigma, "voc12_root": str(Path(args.voc12_root).resolve())})
+    provenance.claim_outputs(out_dir, record, overwrite="all", suffix=".npz")
     work = partial(make_one, args=args, num_classes=classes.num_classes, out_dir=out_dir)
     if args.num_workers > 1 and len(names) > 1:
         with ProcessPoolExecutor(max_workers=args.num_workers) as pool:

@@ -1,14 +1,16 @@
-"""A tiny training run on synthetic data, used only by the tests of the training infrastructure.
+"""A tiny training run on synthetic data through ``tool.trainloop.fit`` itself, used by the tests of
+the training infrastructure (signals, checkpoints, exact resume, torchrun).
 
 Like train_SB.py it runs two views per step through one (possibly DDP-wrapped) model, draws from
-Python's, NumPy's and torch's generators, decays an SGD-with-momentum learning rate polynomially,
-checkpoints every epoch and on SIGTERM/SIGINT, resumes with ``--resume`` and runs under torchrun.
-Each rank ends by saving its weights and the sample indices it trained on to OUT/final_rankR.pt.
+Python's, NumPy's and torch's generators, decays an SGD-with-momentum learning rate polynomially
+and lets ``fit`` checkpoint every epoch and on SIGTERM/SIGINT; ``--resume`` continues. Each rank
+ends by saving its weights and the sample indices it trained on to OUT/final_rankR.pt.
 """
 from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,17 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tool.checkpoint import (  # noqa: E402
-    ResumableSampler,
-    StopSignal,
-    check_finite,
-    ignore_stop_signals,
-    load_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-)
-from tool.distributed import all_reduce_mean, cleanup, init_distributed, unwrap, wrap_model  # noqa: E402
-from tool.logutils import progress, setup_logging  # noqa: E402
+from tool.distributed import cleanup, init_distributed, unwrap, wrap_model  # noqa: E402
+from tool.logutils import setup_logging  # noqa: E402
+from tool.torchutils import PolyOptimizer  # noqa: E402
+from tool.trainloop import fit, make_train_loader, resume_state  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,14 +37,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", default=0, type=int)
     parser.add_argument("--seed", default=7, type=int)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--save_every_epoch", action="store_true")
     parser.add_argument("--pause_at", default=-1, type=int,
-                        help="after this step wait (a minute at most) for a signal: a test stops it there")
+                        help="before this step log 'paused' and wait (a minute at most) for a signal")
     return parser.parse_args(argv)
 
 
+def fit_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The options ``fit`` reads, as the stage scripts' add_train_args gives them."""
+    return argparse.Namespace(
+        session_name=str(args.out / "tiny"), max_epoches=args.epochs, batch_size=args.batch_size,
+        num_workers=args.workers, seed=args.seed, resume="auto" if args.resume else None, amp=False,
+        tblog_dir=None, log_every=1, tb_image_every=10**9, save_every_epoch=args.save_every_epoch)
+
+
+def wait_for_signal() -> None:
+    """Wait (a minute at most) until fit's own handler has seen SIGTERM or SIGINT."""
+    stop = signal.getsignal(signal.SIGTERM).__self__  # the StopSignal that fit installed
+    deadline = time.monotonic() + 60
+    while not stop.requested and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def main(argv: list[str] | None = None) -> list[float]:
-    """Train; return the loss of every step (averaged over ranks)."""
+    """Train; return the loss of every step of this run (this rank's)."""
     args = parse_args(argv)
+    run_args = fit_args(args)
     info = init_distributed("cpu")
     logger = setup_logging(None, info)
     random.seed(args.seed)
@@ -61,59 +74,32 @@ def main(argv: list[str] | None = None) -> list[float]:
     dataset = torch.utils.data.TensorDataset(images, labels, torch.arange(args.samples))
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.3),
                         nn.Conv2d(16, args.num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model = wrap_model(net, info)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    sampler = ResumableSampler(args.samples, shuffle=True, seed=args.seed, batch_size=args.batch_size,
-                               drop_last=True, rank=info.rank, world_size=info.world_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // info.world_size,
-                                         sampler=sampler, drop_last=True, num_workers=args.workers,
-                                         worker_init_fn=ignore_stop_signals, generator=torch.Generator())
-    max_step = sampler.batches_per_epoch() * args.epochs
     args.out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = args.out / "ckpt.pt"
-    start_epoch, start_batch, step = 0, 0, 0
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start_epoch, start_batch, step = ckpt["epoch"], ckpt["extra"]["batch"], ckpt["step"]
+    sampler, loader = make_train_loader(dataset, run_args, info)
+    optimizer = PolyOptimizer(net.parameters(), lr=0.1, weight_decay=5e-4, momentum=0.9,
+                              max_step=sampler.batches_per_epoch() * args.epochs)
+    start = resume_state(run_args, net, optimizer)
+    model = wrap_model(net, info)
+    losses: list[float] = []
+    seen: list[int] = []
 
-    def save(epoch: int, batch: int) -> None:
-        if info.is_main:
-            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, epoch=epoch, step=step,
-                            args={k: str(v) for k, v in vars(args).items()}, extra={"batch": batch})
+    def step_fn(model: nn.Module, pack: list) -> tuple[dict, None]:
+        image, label, index = pack
+        if optimizer.global_step + 1 == args.pause_at:
+            logger.info("paused before step %d", args.pause_at)
+            wait_for_signal()
+        small = F.interpolate(image, scale_factor=random.choice((0.5, 0.75)), mode="bilinear")
+        terms = {"view1": F.cross_entropy(model(image), label),
+                 "view2": (1 + np.random.rand()) * F.cross_entropy(model(small), label)}  # noqa: NPY002
+        terms["loss"] = terms["view1"] + terms["view2"]
+        losses.append(terms["loss"].item())
+        seen.extend(index.tolist())
+        return terms, None
 
-    losses, seen = [], []
-    with StopSignal() as stop:
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            sampler.set_start_batch(start_batch if epoch == start_epoch else 0)
-            for batch, (image, label, index) in enumerate(progress(loader, info), start=sampler.start_batch):
-                for group in optimizer.param_groups:
-                    group["lr"] = 0.1 * (1 - step / max_step) ** 0.9
-                small = F.interpolate(image, scale_factor=random.choice((0.5, 0.75)), mode="bilinear")
-                terms = {"view1": F.cross_entropy(model(image), label),
-                         "view2": (1 + np.random.rand()) * F.cross_entropy(model(small), label)}  # noqa: NPY002
-                check_finite(terms, step)
-                loss = terms["view1"] + terms["view2"]
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                step += 1
-                losses.append(all_reduce_mean(loss.item(), info))
-                seen += index.tolist()
-                logger.info("step %d loss %.6f", step, losses[-1])
-                deadline = time.monotonic() + 60 if step == args.pause_at else 0
-                while not stop.requested and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                if all_reduce_mean(float(stop.requested), info) > 0:
-                    save(epoch, batch + 1)
-                    logger.info("stopped at step %d", step)
-                    raise SystemExit(stop.exit_code or 143)
-            save(epoch + 1, 0)
-    torch.save({"model": unwrap(model).state_dict(), "seen": torch.tensor(seen)},
-               args.out / f"final_rank{info.rank}.pt")
+    fit(args=run_args, info=info, model=model, optimizer=optimizer, loader=loader, sampler=sampler,
+        step_fn=step_fn, logger=logger, start=start)
+    final = {"model": unwrap(model).state_dict(), "seen": torch.tensor(seen)}
+    torch.save(final, args.out / f"final_rank{info.rank}.pt")
     cleanup()
     return losses
 

@@ -1,0 +1,167 @@
+"""run_pipeline.py as a user who edits the code and reruns: on a copy of the project, a tiny demo
+run, an unchanged rerun, ``--from sb``, a loss edit whose rerun is killed and resumed, and the
+real-data chain tried small. The tests share one output folder and run in file order."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_pipeline
+from tool.provenance import RECORD_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--demo_scale", "0.05", "--demo_image_size", "64", "--demo_classes", "3"]
+INFERRED = ("round1_crf_4.0", "cam_train", "crf_train_4.0", "crf_train_24.0", "cam_val", "rw_train", "rw_val",
+            "sb_map")
+
+
+def copy_project(dest: Path) -> Path:
+    dest.mkdir()
+    for path in ROOT.glob("*.py"):
+        shutil.copy(path, dest / path.name)
+    for package in ("tool", "network", "voc12", "coco14"):
+        if (ROOT / package).is_dir():
+            shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def command(project: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(project / "run_pipeline.py"), *TINY, "--out_dir", str(out), *extra]
+
+
+def run(project: Path, out: Path, *extra: str) -> str:
+    result = subprocess.run(command(project, out, *extra), cwd=project, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def ran(stdout: str) -> list[str]:
+    return re.findall(r"^\[(\w+)\] running", stdout, re.M)
+
+
+def table(stdout: str) -> str:
+    return stdout[stdout.index("mIoU (%)"):].split("\n\nresults:")[0]
+
+
+def records(out: Path) -> dict[str, str]:
+    return {folder: (out / folder / RECORD_NAME).read_text() for folder in INFERRED}
+
+
+def mtimes(out: Path, pattern: str) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.glob(pattern))}
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory) -> dict:
+    """The project copied, then one tiny demo run."""
+    base = tmp_path_factory.mktemp("pipeline")
+    project, out = copy_project(base / "project"), base / "out"
+    stdout = run(project, out)
+    return {"project": project, "out": out, "stdout": stdout, "table": table(stdout), "records": records(out)}
+
+
+def test_first_run_runs_every_stage_and_records_every_folder(first):
+    assert ran(first["stdout"]) == list(run_pipeline.STAGES)
+    state = json.loads((first["out"] / run_pipeline.STATE_FILE).read_text())
+    assert list(state["done"]) == list(run_pipeline.STAGES) and state["running"] == {}
+    for text in first["records"].values():
+        assert len(json.loads(text)["source_sha256"]) == 64
+    cam = json.loads(first["records"]["cam_train"])
+    assert cam["weights_sha256"] == json.loads(first["records"]["cam_val"])["weights_sha256"]
+    results = json.loads((first["out"] / "results.json").read_text())
+    assert results["provenance"]["cam_train"] is not None
+
+
+def test_unchanged_rerun_trains_and_infers_nothing(first):
+    before = mtimes(first["out"], "**/*.*")
+    tic = time.monotonic()
+    stdout = run(first["project"], first["out"])
+    assert ran(stdout) == [] and "$ python" not in stdout
+    assert stdout.count("up to date") == len(run_pipeline.STAGES)
+    assert table(stdout) == first["table"]
+    after = mtimes(first["out"], "**/*.*")
+    changed = [k for k in before if not k.startswith("data/") and after.get(k) != before[k]]
+    assert changed == []
+    assert time.monotonic() - tic < 60
+
+
+def test_from_sb_retrains_only_from_the_sb_step(first):
+    out = first["out"]
+    kept = mtimes(out, "round1*") | mtimes(out, "round1_crf_*/*") | mtimes(out, "sb_map/*")
+    redone = mtimes(out, "sb.pth") | mtimes(out, "aff.pth")
+    stdout = run(first["project"], out, "--from", "sb")
+    assert ran(stdout) == ["sb", "infer_sb", "aff", "infer_aff", "eval"]
+    assert "[round1] kept as it is" in stdout and "[sb_map] kept as it is" in stdout
+    assert mtimes(out, "round1*") | mtimes(out, "round1_crf_*/*") | mtimes(out, "sb_map/*") == kept
+    now = mtimes(out, "sb.pth") | mtimes(out, "aff.pth")
+    assert all(now[k] > redone[k] for k in redone)
+    assert "--overwrite" in stdout  # inference of a rerun stage starts clean
+    # Training is deterministic: the same weights, so the same table.
+    assert table(stdout) == first["table"]
+
+
+def test_loss_edit_reruns_every_stage_after_it_and_a_killed_rerun_resumes(first):
+    project, out = first["project"], first["out"]
+    losses = project / "tool" / "losses.py"
+    text = losses.read_text()
+    er = "    return torch.mean(torch.abs(cam1_norm_small[:, 1:] - cam2_norm[:, 1:]))"
+    assert text.count(er) == 1
+    losses.write_text(text.replace(er, er.replace("return ", "return 5 * ")))
+    old_round1 = (out / "round1.pth").read_bytes()
+
+    # The first round (2 epochs) reruns: kill it once it has checkpointed its first epoch.
+    ckpt = out / "round1.ckpt"
+    proc = subprocess.Popen(command(project, out), cwd=project, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["epoch"] == 1:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1, "the run ended before it could be killed"
+    state = json.loads((out / run_pipeline.STATE_FILE).read_text())
+    assert list(state["running"]) == ["round1"] and "round1" not in state["done"]
+
+    stdout = run(project, out)
+    assert ran(stdout) == list(run_pipeline.STAGES)
+    assert "[round1] running (resuming)" in stdout
+    assert re.search(r"\$ python train_SB.py .*--session_name \S+round1 .*--resume", stdout)
+    assert (out / "round1.pth").read_bytes() != old_round1
+    now = records(out)
+    assert [k for k in INFERRED if now[k] == first["records"][k]] == []  # every output redone
+    assert table(stdout) != first["table"]
+
+
+def test_real_data_chain_runs_small_and_hints_only_its_own_flags(tiny_voc, tmp_path):
+    parser_flags = {a for action in run_pipeline.get_arg_parser()._actions for a in action.option_strings}
+    lists = ["--voc12_root", str(tiny_voc), "--dataset_classes", str(tiny_voc / "classes.txt"),
+             "--train_list", str(tiny_voc / "train.txt"), "--eval_train_list", str(tiny_voc / "train.txt"),
+             "--val_list", str(tiny_voc / "val.txt")]
+    small = ["--batch_size", "4", "--crop_size", "64", "--resize_long", "56", "80", "--round1_epoches", "1",
+             "--sb_epoches", "1", "--aff_epoches", "1", "--num_workers", "0"]
+    narrow = tmp_path / "narrow.pth"
+    from network import resnet38_sb
+
+    torch.save(resnet38_sb.Net(width=0.125).state_dict(), narrow)
+    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), *lists, *small, "--out_dir", str(tmp_path / "out")]
+    wrong = subprocess.run([*cmd, "--weights", str(narrow)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    hints = set(re.findall(r"--\w+", wrong.stderr.strip().splitlines()[-1]))
+    assert "--backbone_width" in hints and hints <= parser_flags, wrong.stderr
+    result = subprocess.run([*cmd, "--weights", str(narrow), "--backbone_width", "0.125"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ran(result.stdout) == list(run_pipeline.STAGES) and "random walk" in result.stdout

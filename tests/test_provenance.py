@@ -1,0 +1,114 @@
+"""Output folders record what made them: reuse on a match, a one-line stop or a clean redo otherwise."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tool import provenance
+from tool.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_file_digest_is_sha256_of_the_bytes_and_follows_edits(tmp_path):
+    path = tmp_path / "w.pth"
+    data = bytes(range(256)) * 9000  # larger than one read chunk
+    path.write_bytes(data)
+    assert provenance.file_digest(path) == hashlib.sha256(data).hexdigest()
+    path.write_bytes(data + b"x")
+    assert provenance.file_digest(path) == hashlib.sha256(data + b"x").hexdigest()
+    with pytest.raises(InputError, match="not found"):
+        provenance.file_digest(tmp_path / "missing.pth")
+
+
+def test_source_digest_follows_the_code_a_script_runs(tmp_path):
+    """A copy of the project: an edit of the loss changes train_SB's digest, not infer_SB's."""
+    for name in ("train_SB.py", "infer_SB.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for package in ("tool", "network", "voc12"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {s: provenance.source_digest(tmp_path / s, tmp_path) for s in ("train_SB.py", "infer_SB.py")}
+    losses = tmp_path / "tool" / "losses.py"
+    losses.write_text(losses.read_text() + "\n# an edit\n")
+    after = {s: provenance.source_digest(tmp_path / s, tmp_path) for s in ("train_SB.py", "infer_SB.py")}
+    assert after["train_SB.py"] != before["train_SB.py"]
+    assert after["infer_SB.py"] == before["infer_SB.py"]
+
+
+def outputs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+def test_claim_reuses_a_match_and_refuses_or_redoes_a_mismatch(tmp_path):
+    folder = tmp_path / "rw"
+    first = {"weights_sha256": "a", "alpha": 4}
+    provenance.claim_outputs(folder, first, overwrite=None, suffix=".png")
+    assert json.loads((folder / provenance.RECORD_NAME).read_text()) == first
+    (folder / "img1.png").write_bytes(b"1")
+    assert provenance.claim_outputs(folder, dict(first), overwrite=None, suffix=".png")  # a resume
+    assert provenance.claim_outputs(folder, dict(first), overwrite="stale", suffix=".png")
+    assert not provenance.claim_outputs(folder, dict(first), overwrite="all", suffix=".png")  # redo them
+    assert outputs(folder) == ["img1.png"]
+
+    other = {"weights_sha256": "b", "alpha": 4}
+    with pytest.raises(InputError, match=r"other weights_sha256; pass --overwrite") as e:
+        provenance.claim_outputs(folder, other, overwrite=None, suffix=".png")
+    assert "\n" not in str(e.value)
+    assert outputs(folder) == ["img1.png"]  # a refusal changes nothing
+
+    (folder / "notes.txt").write_text("kept")
+    assert provenance.claim_outputs(folder, other, overwrite="stale", suffix=".png")
+    assert outputs(folder) == [] and (folder / "notes.txt").is_file()
+    assert provenance.read_record(folder) == other
+    (folder / "img2.png").write_bytes(b"2")
+    assert provenance.claim_outputs(folder, first, overwrite="all", suffix=".png")
+    assert outputs(folder) == [] and provenance.read_record(folder) == first
+
+
+def test_outputs_without_a_record_are_not_trusted(tmp_path):
+    (tmp_path / "a.npz").write_bytes(b"old")
+    with pytest.raises(InputError, match="no record of what made them; pass --overwrite"):
+        provenance.claim_outputs(tmp_path, {"x": 1}, overwrite=None, suffix=".npz")
+    # A record left by a run killed before its first image: nothing to protect, so no error.
+    empty = tmp_path / "empty"
+    provenance.claim_outputs(empty, {"x": 1}, overwrite=None, suffix=".npz")
+    provenance.claim_outputs(empty, {"x": 2}, overwrite=None, suffix=".npz")
+    assert provenance.read_record(empty) == {"x": 2}
+
+
+def test_folder_digest_names_a_record(tmp_path):
+    assert provenance.folder_digest(tmp_path) is None
+    provenance.claim_outputs(tmp_path, {"x": 1}, overwrite=None, suffix=".npz")
+    digest = provenance.folder_digest(tmp_path)
+    assert digest == hashlib.sha256((tmp_path / provenance.RECORD_NAME).read_bytes()).hexdigest()
+    provenance.claim_outputs(tmp_path, {"x": 2}, overwrite=None, suffix=".npz")
+    assert provenance.folder_digest(tmp_path) != digest
+
+
+def test_evaluation_log_names_the_record_of_what_it_scored(tmp_path):
+    import numpy as np
+
+    import evaluation
+    from tool.fileio import save_label_png
+
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    label = np.zeros((6, 8), np.uint8)
+    label[2:5, 3:7] = 1
+    save_label_png(gt / "a.png", label)
+    save_label_png(pred / "a.png", label)
+    (tmp_path / "list.txt").write_text("a\n")
+    argv = ["--list", str(tmp_path / "list.txt"), "--gt_dir", str(gt), "--predict_dir", str(pred), "--comment", "x",
+            "--logfile", str(tmp_path / "log.txt"), "--num_workers", "1"]
+    released_style = evaluation.main(argv)
+    assert "provenance" not in released_style and "provenance" not in (tmp_path / "log.txt").read_text()
+    provenance.claim_outputs(pred, {"weights_sha256": "a"}, overwrite="stale", suffix=".png")
+    assert not (pred / "a.png").exists()  # of unknown origin: deleted
+    save_label_png(pred / "a.png", label)
+    ours = evaluation.main(argv)
+    assert ours["provenance"] == provenance.folder_digest(pred)
+    assert f"provenance:{ours['provenance']}" in (tmp_path / "log.txt").read_text().split("=" * 37 + "\n")[-2]
+    assert ours["mIoU"] == released_style["mIoU"]
