@@ -95,7 +95,7 @@ def test_nan_stop_with_the_boundary_loss_on(voc, tmp_path, capsys, monkeypatch):
     real_loss = train_SB.sb_step_loss
 
     def nan_edges(out1, *args, **kwargs):
-        return real_loss((*out1[:2], out1[2] * float("nan"), *out1[3:]), *args, **kwargs)
+        return real_loss(out1._replace(edge=out1.edge * float("nan")), *args, **kwargs)
 
     monkeypatch.setattr(train_SB, "sb_step_loss", nan_edges)
     argv = ["--voc12_root", voc, "--dataset_classes", voc / "classes.txt", "--train_list", voc / "train.txt",
@@ -258,7 +258,7 @@ def test_sbd_upper_bound_with_images_sbd_lacks(tmp_path, capsys):
     out = sb_map.run(sb_map.parse_args(args))
     assert capsys.readouterr().out.strip() == ("1 of 2 images are not in SBD (b): skipped, no map written"
                                                " (--fallback_crf_dir makes them from CRF files)")
-    assert sorted(p.name for p in out.iterdir()) == ["a.npz"]
+    assert sorted(p.name for p in out.glob("*.npz")) == ["a.npz"]
     from tool.fileio import save_scores
 
     b_label = labels[1][1]

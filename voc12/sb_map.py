@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> Path:
     record = provenance.describe(__file__, inputs=[args.dataset_classes], flags={
         "source": str(Path(source_dir).resolve()), "source_provenance": provenance.folder_digest(source_dir),
         "kind": "crf" if args.crf_dir else "label" if args.label_dir else "sbd", "width": args.width,
-        "sigma": args.sigma, "voc12_root": str(Path(args.voc12_root).resolve())})
+        "sigma": args.sigma, "voc12_root": str(Path(args.voc12_root).resolve()),
+        "fallback_crf": args.fallback_crf_dir and provenance.folder_digest(args.fallback_crf_dir)})
     provenance.claim_outputs(out_dir, record, overwrite="all", suffix=".npz")
     work = partial(make_one, args=args, num_classes=classes.num_classes, out_dir=out_dir)
     if args.num_workers > 1 and len(names) > 1:
