@@ -10,6 +10,7 @@ With real data, the paper's defaults (see README.md for the steps one by one); t
 flags try the chain quickly:
 
     python run_pipeline.py --voc12_root VOC2012 --weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params
+    python run_pipeline.py --coco_root COCO --weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params
     python run_pipeline.py --voc12_root VOC2012 --weights ... --backbone_width 0.25 --batch_size 4 \\
         --round1_epoches 1 --sb_epoches 1 --aff_epoches 1 --train_list small.txt
 
@@ -44,6 +45,7 @@ import infer_aff
 import infer_SB
 import train_aff
 import train_SB
+from coco14 import prepare as coco14_prepare
 from tool import provenance
 from tool.cli import run_main
 from tool.errors import InputError
@@ -358,12 +360,30 @@ def write_figure(out: Path, root: Path, val_list: str, count: int = 4) -> None:
         Image.fromarray(stack_rows(rows)).save(tmp, format="PNG")
 
 
+def prepare_coco(args: argparse.Namespace) -> Path:
+    """MS COCO 2014 in the VOC layout (``coco14.prepare``), at ``--coco14_root``. It runs every
+    time: finished masks are kept, so after the first run it only checks what is there."""
+    if args.dataset_classes:
+        raise InputError("--coco_root brings its own class list; drop --dataset_classes")
+    root = Path(args.coco14_root or Path(args.out_dir) / "COCO14")
+    Command(coco14_prepare, tuple(flags(coco_root=args.coco_root, out_root=root, num_workers=args.num_workers)),
+            "other").run()
+    return root
+
+
 def make_config(args: argparse.Namespace) -> Config:
     out = Path(args.out_dir)
     small_run = {"backbone_width": args.backbone_width, "num_workers": args.num_workers,
                  "batch_size": args.batch_size, "crop_size": args.crop_size,
                  "resize_long": tuple(args.resize_long) if args.resize_long else None}
     epochs = {"round1": args.round1_epoches, "sb": args.sb_epoches, "aff": args.aff_epoches}
+    if args.coco_root is not None:
+        root = prepare_coco(args)
+        return Config(out=out, root=root, classes_file=str(root / coco14_prepare.CLASSES_FILE_NAME), demo=False,
+                      weights=args.weights, train_list=args.train_list or str(root / "train.txt"),
+                      eval_lists={"train": args.eval_train_list or str(root / "train.txt"),
+                                  "val": args.val_list or str(root / "val.txt")},
+                      device=args.device, seed=args.seed, epochs=epochs, **small_run)
     if args.voc12_root is not None:
         root = Path(args.voc12_root)
         if not root.is_dir():
@@ -398,7 +418,12 @@ def make_config(args: argparse.Namespace) -> Config:
 
 def get_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--voc12_root", default=None, help="real VOC2012 (default: the generated demo)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--voc12_root", default=None, help="real VOC2012 (default: the generated demo)")
+    source.add_argument("--coco_root", default=None,
+                        help="MS COCO 2014 in its official layout (train2014/, val2014/, annotations/)")
+    parser.add_argument("--coco14_root", default=None,
+                        help="where --coco_root is prepared in the VOC layout (default: OUT_DIR/COCO14)")
     parser.add_argument("--weights", default=None, help="ImageNet weights for the real pipeline")
     parser.add_argument("--out_dir", default="demo_out")
     parser.add_argument("--device", default=None)

@@ -9,18 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-import evaluation
-import infer_aff
-import infer_SB
-import train_aff
-import train_SB
+import run_pipeline
 from coco14 import prepare
 from coco14.synthetic import COCO_CATEGORIES, make_synthetic_coco
+from network import resnet38_sb
 from tool.fileio import load_img_name_list, load_label_png, read_image
-from voc12 import sb_map
 from voc12.classes import load_classes
 from voc12.data import load_image_labels
 
@@ -197,40 +194,36 @@ def test_refusals(coco: Path, tmp_path: Path, capsys, breakage: str, match: str)
                    "COCO folder not found")
 
 
-TINY = ["--backbone_width", "0.125", "--train_bn", "--crop_size", "64", "--batch_size", "2", "--num_workers", "0",
-        "--max_epoches", "1", "--log_every", "1"]
-
-
-def test_every_stage_runs_on_the_prepared_dataset(prepared, tmp_path: Path):
+def test_the_pipeline_runs_every_stage_on_coco(coco: Path, prepared, tmp_path: Path):
+    """run_pipeline.py --coco_root: prepares (here: finds the prepared masks) and runs the chain."""
     out, _ = prepared
-    work = tmp_path
-    train = work / "train4.txt"  # 4 of the labelled images: 2 steps of batch 2, seconds per stage
+    train = tmp_path / "train4.txt"  # 4 of the labelled images: 2 steps of batch 2, seconds per stage
     train.write_text("".join(line + "\n" for line in (out / "train.txt").read_text().splitlines()[:4]))
-    data = ["--voc12_root", str(out), "--dataset_classes", str(out / "classes.txt")]
-    labelled = [*data, "--label_file", str(out / "cls_labels.npz")]
-    sb = [*labelled, *TINY, "--train_list", train, "--resize_long", "56", "80", "--tblog_dir", str(work / "tb")]
-    infer = [*labelled, "--backbone_width", "0.125", "--num_workers", "0", "--infer_list", train]
-
-    def stage(module, *argv) -> object:
-        return module.run(module.get_arg_parser().parse_args([str(a) for a in argv]))
-
-    stage(train_SB, *sb, "--session_name", work / "r1", "--boundary_weight", "0", "--smooth_weight", "0")
-    stage(infer_SB, *infer, "--crf_workers", "1", "--weights", work / "r1.pth", "--out_crf", work / "r1crf")
-    stage(sb_map, *data, "--list", train, "--crf_dir", work / "r1crf_4.0", "--out_dir", work / "sb_map",
-          "--num_workers", "0")
-    stage(train_SB, *sb, "--session_name", work / "sb", "--sb_map_dir", work / "sb_map")
-    stage(infer_SB, *infer, "--crf_workers", "1", "--weights", work / "sb.pth", "--out_cam", work / "cam",
-          "--out_crf", work / "crf")
-    stage(train_aff, *labelled, *TINY, "--train_list", train, "--session_name", work / "aff", "--la_crf_dir",
-          work / "crf_4.0", "--ha_crf_dir", work / "crf_24.0", "--tblog_dir", work / "tb_aff")
-    stage(infer_aff, *infer, "--weights", work / "aff.pth", "--cam_dir", work / "cam", "--out_rw", work / "rw")
-    result = stage(evaluation, "--list", train, "--predict_dir", work / "rw", "--gt_dir", out / "SegmentationClass",
-                   "--type", "png", "--comment", "coco rw", "--logfile", work / "evallog.txt", "--dataset_classes",
-                   out / "classes.txt", "--num_workers", "1")
+    shutil.copy(out / "cls_labels.npz", tmp_path)  # the labels beside the list
+    narrow = tmp_path / "narrow.pth"
+    torch.save(resnet38_sb.Net(num_classes=len(COCO_CATEGORIES) + 1, width=0.125).state_dict(), narrow)
+    work = tmp_path / "out"
+    argv = ["--coco_root", coco, "--coco14_root", out, "--weights", narrow, "--out_dir", work, "--train_list", train,
+            "--eval_train_list", train, "--backbone_width", "0.125", "--batch_size", "2", "--crop_size", "64",
+            "--resize_long", "56", "80", "--round1_epoches", "1", "--sb_epoches", "1", "--aff_epoches", "1",
+            "--num_workers", "0"]
+    results = run_pipeline.run(run_pipeline.get_arg_parser().parse_args([str(a) for a in argv]))
     names = load_img_name_list(train)
-    labels = load_image_labels(out / "cls_labels.npz", names, 80)
+    labels = load_image_labels(out / "cls_labels.npz", names, len(COCO_CATEGORIES))
     for name, label in zip(names, labels, strict=True):
-        pred = load_label_png(work / "rw" / f"{name}.png")
+        pred = load_label_png(work / "rw_train" / f"{name}.png")
         assert pred.shape == load_label_png(out / "SegmentationClass" / f"{name}.png").shape
         assert set(np.unique(pred).tolist()) <= {0, *(np.flatnonzero(label) + 1).tolist()}
-    assert len(result) == 82 and "toothbrush" in result and 0 <= result["mIoU"] <= 100
+    log = (work / "evallog.txt").read_text()
+    per_class = log[log.index("\trw_train"):].splitlines()[1]
+    scored = [item.split(":")[0] for item in per_class.split("  ") if item.strip()]
+    assert scored[:-2] == ["background", *load_classes(out / "classes.txt").names] and scored[-2] == "mIoU"
+    assert set(results["rw"]) == {"train", "val"} and 0 <= results["rw"]["val"] <= 100
+
+
+def test_the_pipeline_refuses_a_class_list_beside_coco(coco: Path, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline.main(["--coco_root", str(coco), "--dataset_classes", str(tmp_path / "classes.txt"),
+                           "--out_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("drop --dataset_classes")
