@@ -37,7 +37,7 @@ def get_arg_parser() -> argparse.ArgumentParser:
     add_model_args(parser, weights_required=False)
     add_seg_model_args(parser)
     add_train_args(parser, session_name="deeplab_seg", max_epoches=None, crop_size=321)
-    parser.set_defaults(batch_size=5, lr=2.5e-4, momentum=0.9, log_every=20)
+    parser.set_defaults(batch_size=5, lr=2.5e-4, momentum=0.9, log_every=10)
     g = parser.add_argument_group("segmentation training")
     g.add_argument("--label_dir", required=True, type=str, help="label PNGs of the training list (255 = ignored)")
     g.add_argument("--max_iters", default=20000, type=int)

@@ -16,6 +16,7 @@ from torch import nn
 
 from network import resnet38d
 from tool.errors import InputError
+from tool.torchutils import LR_MULTS
 
 HEAD_CHANNELS = 512
 FOV_DILATION = 12
@@ -58,16 +59,17 @@ class Net(nn.Module):
         (weights) and x20 (biases, no decay); trained BatchNorm affine terms ride with the x1/x2
         groups of their part."""
         head = {id(m) for m in self.from_scratch_layers}
-        groups = {(1, True): [], (2, False): [], (10, True): [], (20, False): []}
+        groups: tuple[list, list, list, list] = ([], [], [], [])  # in the order of LR_MULTS
         for m in self.modules():
             if not isinstance(m, nn.Conv2d | nn.BatchNorm2d):
                 continue
-            scratch = id(m) in head
+            offset = 2 if id(m) in head else 0
             if m.weight.requires_grad:
-                groups[(10, True) if scratch else (1, True)].append(m.weight)
+                groups[offset].append(m.weight)
             if m.bias is not None and m.bias.requires_grad:
-                groups[(20, False) if scratch else (2, False)].append(m.bias)
-        return [{"params": params, "lr_mult": mult, "decay": decay} for (mult, decay), params in groups.items()]
+                groups[offset + 1].append(m.bias)
+        return [{"params": params, "lr_mult": mult, "decay": i % 2 == 0}  # biases: no decay
+                for i, (params, mult) in enumerate(zip(groups, LR_MULTS, strict=True))]
 
 
 def load_weights(model: Net, path: str | Path) -> list[str]:

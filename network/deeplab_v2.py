@@ -16,6 +16,7 @@ from torch import nn
 
 from network.resnet38d import _load_torch_state
 from tool.errors import InputError
+from tool.torchutils import LR_MULTS
 
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
 ATROUS_RATES = (6, 12, 18, 24)
@@ -141,9 +142,10 @@ class Net(nn.Module):
         backbone = [m.weight for name, m in self.base.named_modules()
                     if name.startswith("layer") and isinstance(m, nn.Conv2d)]
         aspp = list(self.base.aspp.children())
-        return [{"params": backbone, "lr_mult": 1, "decay": True},
-                {"params": [c.weight for c in aspp], "lr_mult": 10, "decay": True},
-                {"params": [c.bias for c in aspp], "lr_mult": 20, "decay": False}]
+        pretrained_weight, _, scratch_weight, scratch_bias = LR_MULTS
+        return [{"params": backbone, "lr_mult": pretrained_weight, "decay": True},
+                {"params": [c.weight for c in aspp], "lr_mult": scratch_weight, "decay": True},
+                {"params": [c.bias for c in aspp], "lr_mult": scratch_bias, "decay": False}]
 
 
 def caffe_input(img: np.ndarray) -> np.ndarray:

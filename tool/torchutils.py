@@ -6,6 +6,10 @@ from typing import Any
 
 import torch
 
+# The released optimiser's learning-rate multipliers, by group: pretrained weights, pretrained
+# biases, from-scratch weights, from-scratch biases (heads trained from random init).
+LR_MULTS = (1, 2, 10, 20)
+
 
 class PolyOptimizer(torch.optim.SGD):
     """SGD whose learning rates follow lr_t = lr_group * (1 - t / max_step) ** power.

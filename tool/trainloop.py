@@ -34,7 +34,7 @@ from tool.distributed import DistInfo, all_reduce_mean, ranks_agree, unwrap
 from tool.errors import InputError, NonFiniteLoss
 from tool.fileio import atomic_path
 from tool.logutils import AverageMeter, TBWriter, Timer, progress
-from tool.torchutils import PolyOptimizer
+from tool.torchutils import LR_MULTS, PolyOptimizer
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[dict[str, torch.Tensor], Any]]
 PictureFn = Callable[[dict, Any], np.ndarray]
@@ -73,10 +73,8 @@ def make_poly_optimizer(net: torch.nn.Module, args: argparse.Namespace, sampler:
     groups = net.get_parameter_groups()
     lr, wt_dec = args.lr, args.wt_dec
     return PolyOptimizer([
-        {"params": groups[0], "lr": lr, "weight_decay": wt_dec},
-        {"params": groups[1], "lr": 2 * lr, "weight_decay": 0},
-        {"params": groups[2], "lr": 10 * lr, "weight_decay": wt_dec},
-        {"params": groups[3], "lr": 20 * lr, "weight_decay": 0},
+        {"params": params, "lr": mult * lr, "weight_decay": 0 if i % 2 else wt_dec}  # biases: no decay
+        for i, (params, mult) in enumerate(zip(groups, LR_MULTS, strict=True))
     ], lr=lr, weight_decay=wt_dec, max_step=sampler.batches_per_epoch() * args.max_epoches, momentum=args.momentum)
 
 
