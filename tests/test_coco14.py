@@ -19,7 +19,8 @@ import train_aff
 import train_SB
 from coco14 import prepare
 from coco14.synthetic import COCO_CATEGORIES, make_synthetic_coco
-from tool.fileio import load_img_name_list, load_label_png, read_image
+from tool import provenance
+from tool.fileio import load_img_name_list, load_label_png, output_files, read_image
 from voc12 import sb_map
 from voc12.classes import load_classes
 from voc12.data import load_image_labels
@@ -123,7 +124,7 @@ def test_greyscale_jpeg_reads_as_rgb(coco: Path, prepared):
 def test_resume_keeps_finished_masks_and_refuses_other_annotations(coco: Path, prepared, tmp_path: Path, capsys):
     out, _ = prepared
     copy = Path(shutil.copytree(out, tmp_path / "COCO14", symlinks=True))
-    masks = sorted((copy / "SegmentationClass").glob("*.png"))
+    masks = output_files(copy / "SegmentationClass", ".png")
     removed = masks[::3]
     for path in removed:  # the state a kill leaves: finished masks, missing ones, a writer's temporary
         path.unlink()
@@ -233,4 +234,6 @@ def test_every_stage_runs_on_the_prepared_dataset(prepared, tmp_path: Path):
         pred = load_label_png(work / "rw" / f"{name}.png")
         assert pred.shape == load_label_png(out / "SegmentationClass" / f"{name}.png").shape
         assert set(np.unique(pred).tolist()) <= {0, *(np.flatnonzero(label) + 1).tolist()}
-    assert len(result) == 82 and "toothbrush" in result and 0 <= result["mIoU"] <= 100
+    # 81 classes, the mean, and the record of the folder scored (infer_aff.py wrote one).
+    assert len(result) == 83 and "toothbrush" in result and 0 <= result["mIoU"] <= 100
+    assert result["provenance"] == provenance.folder_digest(work / "rw")
