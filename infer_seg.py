@@ -24,7 +24,7 @@ from network import segmentation
 from tool import imutils
 from tool.cli import add_data_args, add_infer_args, add_model_args, add_seg_model_args, run_main, str2bool
 from tool.crf import DEEPLAB_CRF, crf_inference
-from tool.distributed import DistInfo, distributed_session, shard
+from tool.distributed import DistInfo, distributed_session, memory_format, shard
 from tool.errors import InputError
 from tool.fileio import atomic_path, save_label_png
 from tool.logutils import progress, setup_logging
@@ -57,13 +57,13 @@ def get_arg_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, img: torch.Tensor, scales: list[float], flip: bool,
-                  device: torch.device) -> np.ndarray:
+                  device: torch.device, layout: torch.memory_format = torch.contiguous_format) -> np.ndarray:
     """Softmax of the logits averaged over scales (and mirror images), each upsampled to the image
     (bilinear, align_corners False): ``(num_classes, H, W)`` float32."""
     h, w = img.shape[-2:]
     total = None
     for scale in scales:
-        x = img[None].to(device)
+        x = img[None].to(device, memory_format=layout)
         if scale != 1:
             x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
         if flip:
@@ -107,9 +107,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> Path | None:
     classes = load_classes(args.dataset_classes)
     net = segmentation.make_net(args.seg_backbone, classes.num_classes, width=args.backbone_width)
     segmentation.load_weights(net, args.weights, strict=True)
-    model = net.to(info.device).eval()
-    if args.channels_last and info.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    layout = memory_format(args.channels_last, info.device)
+    model = net.to(info.device, memory_format=layout).eval()
     normalize = segmentation.input_normalizer(args.seg_backbone, args.seg_input)
 
     dataset = VOC12ImageDataset(args.infer_list, args.voc12_root)
@@ -126,7 +125,7 @@ def infer(args: argparse.Namespace, info: DistInfo) -> Path | None:
             name, img = pack["name"], pack["orig"]
             net_img = torch.from_numpy(imutils.hwc_to_chw(normalize(img)))
             with torch.autocast("cuda", enabled=use_amp):
-                probs = predict_probs(model, net_img, args.test_scales, args.flip, info.device)
+                probs = predict_probs(model, net_img, args.test_scales, args.flip, info.device, layout)
             raw = np.argmax(probs, axis=0).astype(np.uint8)
             if args.out_raw_dir:
                 save_label_png(Path(args.out_raw_dir) / f"{name}.png", raw)

@@ -19,7 +19,7 @@ import torch
 from network import segmentation
 from network.deeplab_v1_resnet38 import HEAD_BN_MOMENTUM
 from tool.cli import add_data_args, add_model_args, add_seg_model_args, add_train_args, run_main
-from tool.distributed import DistInfo, distributed_session, wrap_model
+from tool.distributed import DistInfo, distributed_session, memory_format, wrap_model
 from tool.errors import InputError
 from tool.logutils import setup_logging
 from tool.losses import segmentation_loss
@@ -80,14 +80,14 @@ def train(args: argparse.Namespace, info: DistInfo) -> Path:
     sampler, loader = make_train_loader(dataset, args, info)
     net.train()  # freezes BatchNorm: DistributedDataParallel must see their requires_grad=False
     optimizer = make_optimizer(net, args)
+    layout = memory_format(args.channels_last, info.device)
+    net = net.to(info.device, memory_format=layout)
+    # After the move: the optimiser state loads onto its parameters' device.
     start = resume_state(args, net, optimizer)
-    net = net.to(info.device)
-    if args.channels_last and info.device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
     model = wrap_model(net, info)
 
     def step_fn(model: torch.nn.Module, pack: dict):
-        outputs = model(pack["img"].to(info.device, non_blocking=True))
+        outputs = model(pack["img"].to(info.device, non_blocking=True, memory_format=layout))
         label = pack["label"].to(info.device, non_blocking=True)
         return {"loss": segmentation_loss(outputs, label, balanced=args.balanced_ce)}, outputs
 

@@ -1,14 +1,17 @@
 """GPU cost of the stages at the paper's sizes: training images/s in float32, AMP and AMP +
-channels_last, peak GPU memory, and multi-scale CAM inference against the released approach.
-Writes a markdown table (default bench/GPU.md) with the device name and the date.
+channels_last, peak GPU memory, multi-scale CAM inference against the released approach, and
+DeepLab inference. Writes a markdown table (default bench/GPU.md) with the device name and the date.
 
     python bench/bench_gpu.py                     # CUDA, full-width ResNet-38, paper sizes
-    python bench/bench_gpu.py --device cpu --width 0.125 --batch 2 --crop 64 --infer_size 48 64 \\
-        --steps 1 --warmup 0 --images 1 --out /tmp/gpu.md     # the code path, in seconds, on a CPU
+    python bench/bench_gpu.py --device cpu --width 0.125 --seg_backbone resnet38 --batch 2 --crop 64 \\
+        --infer_size 48 64 --steps 1 --warmup 0 --images 1 --out /tmp/gpu.md   # the code path, on a CPU
     python bench/bench_gpu.py --estimate_memory   # CPU: training memory at the paper's sizes, estimated
 
 Training is timed on synthetic batches already on the device (the scripts' loaders prefetch with
-workers and pinned memory), with the scripts' network, loss, poly SGD and GradScaler. The released
+workers and pinned memory), with the scripts' network, loss, poly SGD and GradScaler; DeepLab
+(``--seg_backbone``: DeepLab-v2 ResNet-101 MSC, train_seg.py's default, whose one width ``--width``
+leaves as it is, or DeepLab-v1 on the ResNet-38 of ``--width``) accumulates its batches as
+train_seg.py does (5 images x 2). The released
 inference (SBNet infer_SB.py, re-implemented below) runs each of the 8 views (4 scales, each
 flipped) as its own batch of one through the whole network, boundary branch and Canny included,
 and sums the CAMs on the CPU; ours (infer_SB.multiscale_cam) runs a scale and its flip as one batch,
@@ -23,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import benchutil
@@ -32,11 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import infer_SB
-from network import resnet38_aff, resnet38_sb
+import infer_seg
+import train_seg
+from network import resnet38_aff, resnet38_sb, segmentation
 from tool.checkpoint import ResumableSampler
 from tool.distributed import memory_format
 from tool.fileio import atomic_path
-from tool.losses import affinity_loss, sb_step_loss
+from tool.losses import affinity_loss, sb_step_loss, segmentation_loss
 from tool.trainloop import make_poly_optimizer
 from train_SB import TwoViews
 from voc12.classes import VOC
@@ -46,18 +52,35 @@ MODES = {"fp32": (False, False), "AMP": (True, False), "AMP + channels_last": (T
 VOC_IMAGE = (375, 500)  # height, width of a typical VOC image
 
 
+def poly_sgd(net: nn.Module, steps: int) -> torch.optim.Optimizer:
+    """The ResNet-38 stages' optimiser (train_SB.py, train_aff.py) over ``steps`` steps."""
+    sampler = ResumableSampler(steps, shuffle=False, seed=0, batch_size=1, drop_last=True)
+    schedule = argparse.Namespace(lr=0.01, wt_dec=5e-4, momentum=None, max_epoches=1)
+    return make_poly_optimizer(net, schedule, sampler)
+
+
+def seg_sgd(net: nn.Module, steps: int) -> torch.optim.Optimizer:
+    """train_seg.py's optimiser with its defaults, over ``steps`` iterations."""
+    args = train_seg.get_arg_parser().parse_args(["--label_dir", "-", "--max_iters", str(steps)])
+    return train_seg.make_optimizer(net, args)
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One trainable stage: its paper batch and crop, and how to build a step on synthetic data.
+    """One trainable stage: its paper batch (per step; ``iter_size`` steps' gradients summed per
+    update) and crop, and how to build a step on synthetic data.
 
     ``make(width, batch, crop, device)`` returns ``(net, model, pack, loss_fn)``: the network whose
     parameters train, the module the step calls, a batch on ``device`` and ``loss_fn(model, pack)``.
+    ``optimizer(net, steps)`` builds the script's optimiser.
     """
 
     name: str
     batch: int
     crop: int
     make: Callable
+    optimizer: Callable[[nn.Module, int], torch.optim.Optimizer] = poly_sgd
+    iter_size: int = 1
 
 
 def make_sb(width: float, batch: int, crop: int, device: torch.device):
@@ -89,11 +112,38 @@ def make_aff(width: float, batch: int, crop: int, device: torch.device):
     return net, net, {k: v.to(device) for k, v in pack.items()}, loss_fn
 
 
-# The paper's settings. DeepLab (train_seg.py) takes one line here once it exists:
-#   Stage("DeepLab-v2 (MSC)", 10, 321, make_seg)   # batch 5 images x 2 (the released 2-GPU MSC run)
-# with make_seg building its network, a batch of images and label maps, and its MSC loss.
+def make_seg_net(backbone: str, width: float) -> nn.Module:
+    """train_seg.py's network (BatchNorm frozen); ``width`` applies to ResNet-38 only."""
+    return segmentation.make_net(backbone, VOC.num_classes, width=width if backbone == "resnet38" else 1.0)
+
+
+def make_seg(backbone: str, width: float, batch: int, crop: int, device: torch.device):
+    """DeepLab (``backbone`` as train_seg.py's --seg_backbone), random images and label maps with
+    5% of the pixels ignored, and train_seg.py's loss over the network's outputs (MSC: four)."""
+    net = make_seg_net(backbone, width)
+    gen = torch.Generator().manual_seed(0)
+    label = torch.randint(0, VOC.num_classes, (batch, crop, crop), generator=gen)
+    label[torch.rand(batch, crop, crop, generator=gen) < 0.05] = 255
+    pack = {"img": torch.randn(batch, 3, crop, crop, generator=gen), "label": label}
+
+    def loss_fn(model: nn.Module, pack: dict) -> torch.Tensor:
+        return segmentation_loss(model(pack["img"]), pack["label"])
+
+    return net, net, {k: v.to(device) for k, v in pack.items()}, loss_fn
+
+
+# The paper's settings; DeepLab-v2's are deeplab-pytorch's VOC recipe (train_seg.py's defaults),
+# DeepLab-v1 ResNet-38's the README's (SEAM's codebase: crop 448).
+SEG_STAGES = {"resnet101": Stage("DeepLab-v2 ResNet-101 (MSC)", 5, 321, partial(make_seg, "resnet101"), seg_sgd, 2),
+              "resnet38": Stage("DeepLab-v1 ResNet-38", 5, PAPER_CROP, partial(make_seg, "resnet38"), seg_sgd, 2)}
 STAGES = [Stage("SB step (two views)", 8, PAPER_CROP, make_sb),
-          Stage("AffinityNet", 8, PAPER_CROP, make_aff)]
+          Stage("AffinityNet", 8, PAPER_CROP, make_aff),
+          SEG_STAGES["resnet101"]]
+
+
+def stages_for(seg_backbone: str) -> list[Stage]:
+    """The stages, DeepLab on ``seg_backbone``."""
+    return [SEG_STAGES[seg_backbone] if stage in SEG_STAGES.values() else stage for stage in STAGES]
 
 
 def sync(device: torch.device) -> None:
@@ -103,14 +153,13 @@ def sync(device: torch.device) -> None:
 
 def train_rate(stage: Stage, width: float, batch: int, crop: int, device: torch.device, amp: bool,
                channels_last: bool, steps: int, warmup: int) -> tuple[float, int | None]:
-    """Training images/s and peak device memory (bytes; None on a CPU) of ``steps`` timed steps."""
+    """Training images/s and peak device memory (bytes; None on a CPU) of ``steps`` timed updates,
+    each of ``stage.iter_size`` batches."""
     net, model, pack, loss_fn = stage.make(width, batch, crop, device)
     layout = memory_format(channels_last, device)
     net.train().to(device, memory_format=layout)
     pack["img"] = pack["img"].contiguous(memory_format=layout)
-    sampler = ResumableSampler(batch * (steps + warmup), shuffle=False, seed=0, batch_size=batch, drop_last=True)
-    schedule = argparse.Namespace(lr=0.01, wt_dec=5e-4, momentum=None, max_epoches=1)
-    optimizer = make_poly_optimizer(net, schedule, sampler)
+    optimizer = stage.optimizer(net, steps + warmup)
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     if device.type == "cuda":
@@ -121,14 +170,15 @@ def train_rate(stage: Stage, width: float, batch: int, crop: int, device: torch.
         if i == warmup:
             sync(device)
             tic = time.perf_counter()
-        with torch.autocast(device.type, enabled=use_amp):
-            loss = loss_fn(model, pack)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        for _ in range(stage.iter_size):
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = loss_fn(model, pack)
+            scaler.scale(loss / stage.iter_size).backward()
         scaler.step(optimizer)
         scaler.update()
     sync(device)
-    rate = batch * steps / (time.perf_counter() - tic)
+    rate = batch * stage.iter_size * steps / (time.perf_counter() - tic)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return rate, peak
 
@@ -205,6 +255,39 @@ def inference_rates(width: float, size: tuple[int, int], device: torch.device, i
     return rows
 
 
+def seg_inference_rates(backbone: str, width: float, size: tuple[int, int], device: torch.device, images: int,
+                        warmup: int) -> list[tuple[str, float, float]]:
+    """(mode, images/s, largest difference to the float32 class probabilities) of infer_seg.py's
+    network pass: test scale 1 without flip (its defaults), softmax on the device, probabilities to
+    the CPU; the CRF (CPU worker processes) not included."""
+    torch.manual_seed(0)
+    net = make_seg_net(backbone, width).eval().to(device)
+    img = torch.randn(3, *size, generator=torch.Generator().manual_seed(1))
+
+    def run(amp: bool, layout: torch.memory_format) -> np.ndarray:
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            return infer_seg.predict_probs(net, img, [1.0], False, device, layout)
+
+    rows, reference = [], None
+    for mode, (amp, channels_last) in MODES.items():
+        layout = memory_format(channels_last, device)
+        net.to(memory_format=layout)
+        for _ in range(warmup):
+            run(amp, layout)
+        sync(device)
+        tic = time.perf_counter()
+        for _ in range(images):
+            probs = run(amp, layout)
+        sync(device)
+        reference = probs if reference is None else reference
+        rows.append((mode, images / (time.perf_counter() - tic), float(np.abs(probs - reference).max())))
+    return rows
+
+
+def batch_label(stage: Stage, batch: int) -> str:
+    return f"{batch} x {stage.iter_size}" if stage.iter_size > 1 else str(batch)
+
+
 def gib(nbytes: float | None) -> str:
     return "n/a (CPU)" if nbytes is None else f"{nbytes / 2**30:.1f} GiB"
 
@@ -218,12 +301,13 @@ def device_name(device: torch.device) -> str:
 def run_benchmark(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     lines = [f"# GPU benchmark\n\nDevice: {device_name(device)}. Date: {datetime.date.today().isoformat()}.",
-             f"ResNet-38 width {args.width}; {args.steps} timed steps after {args.warmup} warm-up steps; "
-             "synthetic batches on the device. Command: `python bench/bench_gpu.py "
+             f"ResNet-38 width {args.width} (ResNet-101 at its one width); {args.steps} timed "
+             f"updates after {args.warmup} warm-up updates (a batch of N x 2: 2 batches of N accumulated per "
+             "update); synthetic batches on the device. Command: `python bench/bench_gpu.py "
              + " ".join(args.argv) + "`.\n",
              "## Training\n", "| stage | batch | crop | mode | images/s | peak memory | vs fp32 |",
              "|---|---|---|---|---|---|---|"]
-    for stage in STAGES:
+    for stage in stages_for(args.seg_backbone):
         batch, crop = args.batch or stage.batch, args.crop or stage.crop
         base = None
         for mode, (amp, channels_last) in MODES.items():
@@ -232,11 +316,11 @@ def run_benchmark(args: argparse.Namespace) -> str:
                 rate, peak = train_rate(stage, args.width, batch, crop, device, amp, channels_last,
                                         args.steps, args.warmup)
             except torch.cuda.OutOfMemoryError:
-                lines.append(f"| {stage.name} | {batch} | {crop} | {mode} | out of memory | | |")
+                lines.append(f"| {stage.name} | {batch_label(stage, batch)} | {crop} | {mode} | out of memory | | |")
                 continue
             base = base or rate
-            lines.append(f"| {stage.name} | {batch} | {crop} | {mode} | {rate:.2f} | {gib(peak)} | "
-                         f"{rate / base:.2f}x |")
+            lines.append(f"| {stage.name} | {batch_label(stage, batch)} | {crop} | {mode} | {rate:.2f} | "
+                         f"{gib(peak)} | {rate / base:.2f}x |")
             print(lines[-1], flush=True)
     h, w = args.infer_size
     lines += ["", f"## Multi-scale CAM inference (SB network, one {h}x{w} image, scales "
@@ -245,6 +329,15 @@ def run_benchmark(args: argparse.Namespace) -> str:
     rows = inference_rates(args.width, (h, w), device, args.images, args.warmup)
     for name, rate, diff in rows:
         lines.append(f"| {name} | {rate:.2f} | {rate / rows[0][1]:.2f}x | {diff:.1e} |")
+        print(lines[-1], flush=True)
+    seg_name = SEG_STAGES[args.seg_backbone].name
+    lines += ["", f"## {seg_name} inference (infer_seg.py, one {h}x{w} image, test scale 1, no flip, CRF not "
+              "included; the released DeepLab codes run the same single pass)\n",
+              "| mode | images/s | vs fp32 | max difference to fp32 probabilities |", "|---|---|---|---|"]
+    seg_rows = seg_inference_rates(args.seg_backbone, args.width, (h, w), device, args.images, args.warmup)
+    for mode, rate, diff in seg_rows:
+        mode = mode if device.type == "cuda" or mode == "fp32" else f"{mode} (= fp32 off CUDA)"
+        lines.append(f"| {mode} | {rate:.2f} | {rate / seg_rows[0][1]:.2f}x | {diff:.1e} |")
         print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
 
@@ -283,16 +376,16 @@ def estimate_memory(stage: Stage, width: float, batch: int, crop: int, probe: in
     for a, b in zip(small, large, strict=True):
         power = round(math.log(b / a, 4)) if a else 0
         activations += a * (crop / probe) ** (2 * power)
-    net = stage.make(width, 1, probe, torch.device("cpu"))[0]
+    net = stage.make(width, 1, probe, torch.device("cpu"))[0].train()
     params = sum(p.numel() for p in net.parameters())
-    trained = sum(p.numel() for group in net.get_parameter_groups() for p in group)
+    trained = sum(p.numel() for group in stage.optimizer(net, 1).param_groups for p in group["params"])
     return {"params": params, "weights_bytes": 4 * (params + 2 * trained), "activation_bytes": activations * batch}
 
 
-def memory_report(width: float) -> str:
+def memory_report(width: float, seg_backbone: str) -> str:
     lines = ["| stage | batch x crop | parameters | weights + grads + momentum | saved activations | total |",
              "|---|---|---|---|---|---|"]
-    for stage in STAGES:
+    for stage in stages_for(seg_backbone):
         for batch in (stage.batch, stage.batch // 4):
             est = estimate_memory(stage, width, batch, stage.crop)
             total = est["weights_bytes"] + est["activation_bytes"]
@@ -306,6 +399,8 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", type=str)
     parser.add_argument("--width", default=1.0, type=float, help="ResNet-38 width (1.0 = the paper)")
+    parser.add_argument("--seg_backbone", default="resnet101", choices=sorted(SEG_STAGES),
+                        help="DeepLab's network, as train_seg.py's --seg_backbone")
     parser.add_argument("--batch", default=None, type=int, help="override every stage's paper batch")
     parser.add_argument("--crop", default=None, type=int, help="override every stage's paper crop")
     parser.add_argument("--steps", default=10, type=int, help="timed training steps per mode")
@@ -323,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     args = get_arg_parser().parse_args(argv)
     args.argv = argv
     if args.estimate_memory:
-        memory_report(args.width)
+        memory_report(args.width, args.seg_backbone)
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py: CUDA is not available (use --device cpu to try the code path)")

@@ -47,7 +47,7 @@ from pycocotools.coco import COCO
 
 from tool.cli import run_main
 from tool.errors import InputError
-from tool.fileio import atomic_path, save_label_png
+from tool.fileio import atomic_path, output_files, save_label_png
 from tool.logutils import progress, setup_logging
 from voc12.classes import IGNORE_INDEX
 from voc12.data import IMG_FOLDER_NAME, LABEL_FILE_NAME, save_image_labels
@@ -233,10 +233,7 @@ def _instances(coco: COCO, image_id: int, label_of: dict[int, int]) -> list[Inst
 
 
 def _finished_masks(mask_dir: Path, names: set[str]) -> set[str]:
-    if not mask_dir.is_dir():
-        return set()
-    return {n for n in (entry.name[:-4] for entry in os.scandir(mask_dir) if entry.name.endswith(".png"))
-            if n in names}
+    return {p.stem for p in output_files(mask_dir, ".png")} & names
 
 
 def _write_text(path: Path, text: str) -> None:

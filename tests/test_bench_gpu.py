@@ -26,20 +26,27 @@ def test_bench_gpu_writes_its_table_on_cpu(tmp_path: Path):
     import bench_gpu
 
     out = tmp_path / "GPU.md"
-    bench_gpu.main(["--device", "cpu", "--width", "0.125", "--batch", "1", "--crop", "48", "--infer_size", "24",
-                    "32", "--steps", "1", "--warmup", "0", "--images", "1", "--out", str(out)])
+    # DeepLab-v1 on the narrow ResNet-38: the full ResNet-101 takes a minute a mode on a CPU.
+    bench_gpu.main(["--device", "cpu", "--width", "0.125", "--seg_backbone", "resnet38", "--batch", "1", "--crop",
+                    "48", "--infer_size", "24", "32", "--steps", "1", "--warmup", "0", "--images", "1", "--out",
+                    str(out)])
     text = out.read_text()
     assert text.startswith("# GPU benchmark\n\nDevice: CPU: ") and "Date: " in text
-    train = re.findall(r"^\| (SB step \(two views\)|AffinityNet) \| 1 \| 48 \| ([^|]+) \| ([\d.]+) \| n/a \(CPU\) \|",
-                       text, re.M)
-    assert [(stage, mode.strip()) for stage, mode, _ in train] == [
-        (stage, mode) for stage in ("SB step (two views)", "AffinityNet")
-        for mode in ("fp32", "AMP (= fp32 off CUDA)", "AMP + channels_last (= fp32 off CUDA)")]
-    assert all(float(rate) > 0 for _, _, rate in train)
+    modes = ("fp32", "AMP (= fp32 off CUDA)", "AMP + channels_last (= fp32 off CUDA)")
+    stages = {"SB step (two views)": "1", "AffinityNet": "1", "DeepLab-v1 ResNet-38": "1 x 2"}
+    train = re.findall(r"^\| ([^|]+) \| ([\dx ]+) \| 48 \| ([^|]+) \| ([\d.]+) \| n/a \(CPU\) \|", text, re.M)
+    assert [(stage, batch, mode.strip()) for stage, batch, mode, _ in train] == [
+        (stage, batch, mode) for stage, batch in stages.items() for mode in modes]
+    assert all(float(rate) > 0 for *_, rate in train)
     infer = re.findall(r"^\| (released|ours)[^|]*\| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|", text, re.M)
     assert [m for m, *_ in infer] == ["released", "ours", "ours", "ours"]
     # The released per-view loop, re-implemented in the bench, and ours compute the same CAM.
     assert all(float(diff) < 1e-5 for *_, diff in infer)
+    assert "## DeepLab-v1 ResNet-38 inference (infer_seg.py, one 24x32 image" in text
+    seg = re.findall(r"^\| (fp32|AMP[^|]*) \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|", text, re.M)
+    assert [m.strip() for m, *_ in seg] == list(modes) and all(float(r) > 0 for _, r, *_ in seg)
+    # Off CUDA every mode is float32 and contiguous: the same probabilities.
+    assert all(float(diff) == 0 for *_, diff in seg)
 
 
 def test_memory_estimate_extrapolates_a_measured_forward():

@@ -17,7 +17,8 @@ import run_pipeline
 from coco14 import prepare
 from coco14.synthetic import COCO_CATEGORIES, make_synthetic_coco
 from network import resnet38_sb
-from tool.fileio import load_img_name_list, load_label_png, read_image
+from tool import provenance
+from tool.fileio import load_img_name_list, load_label_png, output_files, read_image
 from voc12.classes import load_classes
 from voc12.data import load_image_labels
 
@@ -120,7 +121,7 @@ def test_greyscale_jpeg_reads_as_rgb(coco: Path, prepared):
 def test_resume_keeps_finished_masks_and_refuses_other_annotations(coco: Path, prepared, tmp_path: Path, capsys):
     out, _ = prepared
     copy = Path(shutil.copytree(out, tmp_path / "COCO14", symlinks=True))
-    masks = sorted((copy / "SegmentationClass").glob("*.png"))
+    masks = output_files(copy / "SegmentationClass", ".png")
     removed = masks[::3]
     for path in removed:  # the state a kill leaves: finished masks, missing ones, a writer's temporary
         path.unlink()
@@ -219,6 +220,7 @@ def test_the_pipeline_runs_every_stage_on_coco(coco: Path, prepared, tmp_path: P
     scored = [item.split(":")[0] for item in per_class.split("  ") if item.strip()]
     assert scored[:-2] == ["background", *load_classes(out / "classes.txt").names] and scored[-2] == "mIoU"
     assert set(results["rw"]) == {"train", "val"} and 0 <= results["rw"]["val"] <= 100
+    assert results["provenance"]["rw_train"] == provenance.folder_digest(work / "rw_train")  # infer_aff's record
 
 
 def test_the_pipeline_refuses_a_class_list_beside_coco(coco: Path, tmp_path: Path, capsys):

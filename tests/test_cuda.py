@@ -1,5 +1,5 @@
-"""The device paths of the stage scripts: one GPU in float32, --amp and --channels_last, DataParallel,
-torchrun with NCCL, and GPU inference against the CPU's.
+"""The device paths of the stage scripts (SB step, AffinityNet, DeepLab): one GPU in float32, --amp and
+--channels_last, DataParallel, torchrun with NCCL, and GPU inference against the CPU's.
 
 Each test body takes the device as a parameter. The "cuda" cases carry the ``cuda`` mark and skip
 without a GPU (``pytest -m cuda`` runs only them, as ``bench/gpu.sh`` does); the "cpu" cases run in
@@ -21,10 +21,12 @@ from test_pipeline import run_script
 
 import infer_aff
 import infer_SB
+import infer_seg
 import train_aff
 import train_SB
-from network import resnet38_aff, resnet38_sb
-from tool import trainloop
+import train_seg
+from network import resnet38_aff, resnet38_sb, segmentation
+from tool import imutils, trainloop
 from tool.fileio import load_label_png, save_sb_map, save_scores
 from tool.losses import sb_step_loss
 from voc12.classes import load_classes
@@ -37,8 +39,8 @@ NEEDS_TWO_GPUS = pytest.mark.skipif(GPU_COUNT < 2, reason="needs 2 CUDA GPUs")
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NEEDS_GPU])
 DEVICES = ["cpu", CUDA]
 WIDTH = 0.125
-TINY = ["--backbone_width", str(WIDTH), "--train_bn", "--crop_size", "64", "--batch_size", "2", "--num_workers", "0",
-        "--log_every", "1", "--lr", "0.02", "--tb_image_every", "1000"]
+TINY = ["--backbone_width", str(WIDTH), "--crop_size", "64", "--num_workers", "0", "--log_every", "1", "--lr", "0.02",
+        "--tb_image_every", "1000"]
 # Training images: 4 on the CPU keep its cases to seconds; 12 on a GPU give AMP's loss scaler room
 # for the steps it skips while it finds its scale.
 TRAIN_IMAGES = {"cpu": 4, "cuda": 12}
@@ -46,9 +48,20 @@ MODES = {"fp32": [], "amp": ["--amp"], "channels_last": ["--channels_last"],
          "amp_channels_last": ["--amp", "--channels_last"]}
 # The CPU runs float32 only: AMP and channels_last are CUDA-only, so on the CPU they would repeat it.
 TRAIN_CASES = [("cpu", "fp32")] + [pytest.param("cuda", m, marks=[pytest.mark.cuda, NEEDS_GPU]) for m in MODES]
-SCRIPTS = {"train_SB.py": train_SB, "train_aff.py": train_aff}
-# Layers that never train (conv1a and block 2, as released): they must not move on any device.
-FROZEN_PREFIXES = ("conv1a.", "b2.", "b2_1.", "b2_2.")
+SCRIPTS = {"train_SB.py": train_SB, "train_aff.py": train_aff, "train_seg.py": train_seg}
+# Where each network's ResNet-38 names start: DeepLab-v1 (SEAM's codebase) holds it as "backbone.".
+BACKBONE = {"train_SB.py": "", "train_aff.py": "", "train_seg.py": "backbone."}
+# Layers that never train, on any device: conv1a and block 2 of the SB and AffinityNet networks (as
+# released; from random init their BatchNorm trains, --train_bn), conv1a of DeepLab's backbone.
+FROZEN_PREFIXES = {"train_SB.py": ("conv1a.", "b2.", "b2_1.", "b2_2."),
+                   "train_aff.py": ("conv1a.", "b2.", "b2_1.", "b2_2."),
+                   "train_seg.py": ("backbone.conv1a.",)}
+# DeepLab trains as its recipe does, without --train_bn: the backbone's BatchNorm is frozen, its
+# affine terms and running statistics alike; the head's BatchNorm trains.
+FROZEN_BN = {"train_seg.py"}
+# train_seg.py accumulates 3 batches an iteration over epochs of 2 (CPU) or 6 (GPU) batches: an
+# iteration crosses an epoch's end on the CPU, and DDP's no_sync path runs.
+SEG_ITER_SIZE = 3
 
 
 @pytest.fixture(autouse=True)
@@ -78,23 +91,42 @@ def gt_inputs(tiny_voc: Path, tmp_path_factory) -> dict[str, Path]:
 
 def initial_weights(script: str, tiny_voc: Path, path: Path) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
+    num_classes = load_classes(tiny_voc / "classes.txt").num_classes
     if script == "train_SB.py":
-        net = resnet38_sb.Net(num_classes=load_classes(tiny_voc / "classes.txt").num_classes, width=WIDTH)
-    else:
+        net = resnet38_sb.Net(num_classes=num_classes, width=WIDTH)
+    elif script == "train_aff.py":
         net = resnet38_aff.Net(width=WIDTH)
+    else:
+        net = segmentation.make_net("resnet38", num_classes, width=WIDTH)
     state = {k: v.clone() for k, v in net.state_dict().items()}
     torch.save(state, path)
     return state
 
 
-def train_argv(script: str, tiny_voc: Path, gt: dict[str, Path], work: Path, device: str, *extra) -> list[str]:
+def schedule(script: str, epochs: int, device: str, batch: int = 2) -> tuple[list[str], int, int]:
+    """The flags that train about ``epochs`` epochs at global batch ``batch``; the optimiser steps
+    they take and the batches in an epoch. train_seg.py counts iterations of SEG_ITER_SIZE batches,
+    rounded up."""
+    per_epoch = TRAIN_IMAGES[device.split(":")[0]] // batch
+    if script != "train_seg.py":
+        return ["--max_epoches", str(epochs), "--batch_size", str(batch)], epochs * per_epoch, per_epoch
+    iterations = -(-epochs * per_epoch // SEG_ITER_SIZE)
+    return (["--max_iters", str(iterations), "--iter_size", str(SEG_ITER_SIZE), "--batch_size", str(batch)],
+            iterations, per_epoch)
+
+
+def train_argv(script: str, tiny_voc: Path, gt: dict[str, Path], work: Path, device: str, *extra,
+               epochs: int, batch: int = 2) -> list[str]:
     argv = ["--voc12_root", tiny_voc, "--dataset_classes", tiny_voc / "classes.txt", "--train_list",
             gt[device.split(":")[0]], "--label_file", tiny_voc / "cls_labels.npz", *TINY, "--device", device,
-            "--weights", work / "init.pth", "--tblog_dir", work / "tb", *extra]
+            "--weights", work / "init.pth", "--tblog_dir", work / "tb", *schedule(script, epochs, device, batch)[0],
+            *extra]
     if script == "train_SB.py":
-        argv += ["--resize_long", "56", "80", "--sb_map_dir", gt["sb_map"]]
-    else:
-        argv += ["--la_crf_dir", gt["la"], "--ha_crf_dir", gt["ha"]]
+        argv += ["--train_bn", "--resize_long", "56", "80", "--sb_map_dir", gt["sb_map"]]
+    elif script == "train_aff.py":
+        argv += ["--train_bn", "--la_crf_dir", gt["la"], "--ha_crf_dir", gt["ha"]]
+    else:  # the ground truth stands in for the random-walk labels
+        argv += ["--seg_backbone", "resnet38", "--label_dir", tiny_voc / "SegmentationClass"]
     return [str(a) for a in argv]
 
 
@@ -118,18 +150,28 @@ def run_in_process(script: str, argv: list[str], stop_at: int | None = None) -> 
 
 
 def logged_losses(log_file: Path) -> list[float]:
-    return [float(v) for v in re.findall(r"step \d+/\d+ epoch \d+ loss (\S+)", log_file.read_text())]
+    """The loss of every step (fit) or iteration (fit_iterations) logged, with --log_every 1."""
+    return [float(v) for v in re.findall(r"(?:step \d+/\d+ epoch \d+|iteration \d+/\d+) loss (\S+)",
+                                         log_file.read_text())]
 
 
 def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys) -> float:
     return max((a[k].double() - b[k].double()).norm().item() for k in keys)
 
 
-def check_trained(final: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> list[str]:
-    """Frozen layers exactly as initialised, every other weight moved; return the trained keys."""
+def check_trained(script: str, final: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> list[str]:
+    """Frozen layers exactly as initialised (a frozen BatchNorm's running statistics too), every
+    other weight moved; return the trained keys."""
     assert final.keys() == init.keys()
-    weights = [k for k, v in init.items() if v.is_floating_point() and not k.endswith(("running_mean", "running_var"))]
-    frozen = [k for k in weights if k.startswith(FROZEN_PREFIXES)]
+    running = ("running_mean", "running_var")
+    weights = [k for k, v in init.items() if v.is_floating_point() and not k.endswith(running)]
+    frozen = [k for k in weights if k.startswith(FROZEN_PREFIXES[script])]
+    if script in FROZEN_BN:
+        # A BatchNorm is the module with running statistics; its name is all the state_dict needs.
+        norms = tuple(k.removesuffix(".running_mean") + "." for k in init
+                      if k.endswith(".running_mean") and k.startswith(BACKBONE[script]))
+        frozen += [k for k in init if k.startswith(norms) and k.endswith(("weight", "bias", *running))]
+        assert len(norms) > 30
     trained = [k for k in weights if k not in frozen]
     assert frozen and trained
     for key in frozen:
@@ -152,21 +194,27 @@ def test_training_epoch_trains_and_resumes(script: str, device: str, mode: str, 
     state, the CUDA RNG of dropout or the scaler, or redoing a step, moves them by far more)."""
     device = "cuda:0" if device == "cuda" else device
     init = initial_weights(script, tiny_voc, tmp_path / "init.pth")
-    argv = train_argv(script, tiny_voc, gt_inputs, tmp_path, device, "--max_epoches", "2", *MODES[mode])
+    argv = train_argv(script, tiny_voc, gt_inputs, tmp_path, device, *MODES[mode], epochs=2)
+    _, steps, per_epoch = schedule(script, 2, device)
     run_in_process(script, [*argv, "--session_name", str(tmp_path / "straight")])
-    steps_per_epoch = TRAIN_IMAGES[device.split(":")[0]] // 2
-    run_in_process(script, [*argv, "--session_name", str(tmp_path / "resumed")], stop_at=steps_per_epoch + 1)
+    # Stop in the middle of an epoch: batch 1 of epoch 2 (SB, AffinityNet; DeepLab on the CPU) or
+    # batch 3 of epoch 1 (DeepLab on a GPU).
+    stop_at, accumulated = (1, SEG_ITER_SIZE) if script == "train_seg.py" else (per_epoch + 1, 1)
+    run_in_process(script, [*argv, "--session_name", str(tmp_path / "resumed")], stop_at=stop_at)
     stopped = torch.load(tmp_path / "resumed.ckpt", map_location="cpu", weights_only=True)
-    assert (stopped["epoch"], stopped["extra"]["batch"]) == (1, 1)  # stopped in the middle of epoch 2
+    batches = stop_at * accumulated
+    assert stopped["step"] == stop_at
+    assert (stopped["epoch"], stopped["extra"]["batch"]) == ((batches - 1) // per_epoch, (batches - 1) % per_epoch + 1)
+    assert 0 < stopped["extra"]["batch"] < per_epoch
     run_in_process(script, [*argv, "--session_name", str(tmp_path / "resumed"), "--resume"])
 
     losses = logged_losses(tmp_path / "straight.log")
-    assert len(losses) == 2 * steps_per_epoch and np.isfinite(losses).all()
-    assert len(logged_losses(tmp_path / "resumed.log")) == 2 * steps_per_epoch
+    assert len(losses) == steps and np.isfinite(losses).all()
+    assert len(logged_losses(tmp_path / "resumed.log")) == steps
     straight = torch.load(tmp_path / "straight.pth", map_location="cpu", weights_only=True)
     resumed = torch.load(tmp_path / "resumed.pth", map_location="cpu", weights_only=True)
-    trained = check_trained(straight, init)
-    check_trained(resumed, init)
+    trained = check_trained(script, straight, init)
+    check_trained(script, resumed, init)
     drift = largest_difference(resumed, straight, trained)
     if device == "cpu":
         assert drift == 0
@@ -177,7 +225,7 @@ def test_training_epoch_trains_and_resumes(script: str, device: str, mode: str, 
     scaler = ckpt["extra"]["scaler"]
     amp_on = "amp" in mode and device != "cpu"
     assert bool(scaler) == amp_on and (not amp_on or scaler["scale"] > 0)
-    conv = straight["b4.conv_branch2a.weight"]
+    conv = straight[BACKBONE[script] + "b4.conv_branch2a.weight"]
     assert conv.is_contiguous() != ("channels_last" in mode and device != "cpu")
 
 
@@ -227,24 +275,25 @@ def test_dataparallel_over_the_visible_gpus(script: str, tiny_voc: Path, gt_inpu
 
     monkeypatch.setattr(module, "wrap_model", spy)
     init = initial_weights(script, tiny_voc, tmp_path / "init.pth")
-    argv = train_argv(script, tiny_voc, gt_inputs, tmp_path, "cuda", "--max_epoches", "1", "--batch_size",
-                      str(2 * GPU_COUNT), "--session_name", tmp_path / "dp")
+    argv = train_argv(script, tiny_voc, gt_inputs, tmp_path, "cuda", "--session_name", tmp_path / "dp", epochs=1,
+                      batch=2 * GPU_COUNT)
     run_in_process(script, argv)
     assert isinstance(wrapped[0], torch.nn.DataParallel) and len(wrapped[0].device_ids) == GPU_COUNT
     assert np.isfinite(logged_losses(tmp_path / "dp.log")).all()
-    check_trained(torch.load(tmp_path / "dp.pth", map_location="cpu", weights_only=True), init)
+    check_trained(script, torch.load(tmp_path / "dp.pth", map_location="cpu", weights_only=True), init)
 
 
 def torchrun_train(script: str, device: str, nproc: int, tiny_voc: Path, gt: dict[str, Path], work: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS} | {"OMP_NUM_THREADS": "1"}
-    argv = train_argv(script, tiny_voc, gt, work, device, "--max_epoches", "1", "--batch_size", str(2 * nproc),
-                      "--session_name", work / "ddp")
+    argv = train_argv(script, tiny_voc, gt, work, device, "--session_name", work / "ddp", epochs=1, batch=2 * nproc)
     result = run_script("torch.distributed.run", "--standalone", "--nproc_per_node", nproc,
                         Path(__file__).resolve().parents[1] / script, *argv, env=env, timeout=600)
     return result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script,device", [("train_aff.py", "cpu"),
+# On the CPU DeepLab's run: its accumulated batches skip DDP's all-reduce (no_sync) but the last,
+# which no other test runs under torchrun (tests/test_pipeline.py runs the other two).
+@pytest.mark.parametrize("script,device", [("train_seg.py", "cpu"),
                                            *[pytest.param(s, "cuda", marks=[pytest.mark.cuda, NEEDS_GPU])
                                              for s in SCRIPTS]])
 def test_torchrun_ranks_end_identical(script: str, device: str, tiny_voc: Path, gt_inputs: dict[str, Path],
@@ -256,7 +305,7 @@ def test_torchrun_ranks_end_identical(script: str, device: str, tiny_voc: Path, 
     output = torchrun_train(script, device, nproc, tiny_voc, gt_inputs, tmp_path)
     assert f"weights identical on all {nproc} ranks" in output
     assert np.isfinite(logged_losses(tmp_path / "ddp.log")).all()
-    check_trained(torch.load(tmp_path / "ddp.pth", map_location="cpu", weights_only=True), init)
+    check_trained(script, torch.load(tmp_path / "ddp.pth", map_location="cpu", weights_only=True), init)
 
 
 @contextlib.contextmanager
@@ -348,5 +397,50 @@ def test_random_walk_matches_the_cpu(device: str, tiny_voc: Path):
         return [infer_aff.random_walk(model, img.to(dtype), s.astype(np.float64 if dtype == torch.float64 else
                                                                       np.float32), args, dev).cpu().numpy()
                 for img, s in zip(imgs, scores, strict=True)]
+
+    check_against_cpu(run, device)
+
+
+@torch.no_grad()
+def calibrate(net: torch.nn.Module, img: torch.Tensor) -> None:
+    """Give a randomly initialised segmentation network varied labels: every BatchNorm takes the
+    statistics of ``img``, and the class biases are shifted so that each class's mean logit over
+    ``img`` is 0. At init the network labels every pixel alike, and agreement would prove nothing.
+    Leaves ``net`` in eval mode."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    net.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # the running statistics become those of the one batch
+        norm.train()
+    net(img[None])
+    for norm in norms:
+        norm.eval()
+    last = net.cls_conv if hasattr(net, "cls_conv") else net.base.aspp.c0  # DeepLab-v1 / v2
+    last.bias -= net(img[None]).mean((0, 2, 3))
+
+
+SEG_CASES = [("resnet38", "cpu"), pytest.param("resnet38", "cuda", marks=[pytest.mark.cuda, NEEDS_GPU]),
+             pytest.param("resnet101", "cuda", marks=[pytest.mark.cuda, NEEDS_GPU])]
+
+
+@pytest.mark.parametrize("backbone,device", SEG_CASES)
+def test_segmentation_matches_the_cpu(backbone: str, device: str, tiny_voc: Path):
+    """infer_seg.predict_probs (two scales and the flip, softmax of the averaged logits) and its
+    labels: the tiny DeepLab-v1 ResNet-38 everywhere, the paper's DeepLab-v2 ResNet-101 MSC on a GPU
+    only (its float64 CPU reference takes too long for the normal suite)."""
+    classes = load_classes(tiny_voc / "classes.txt")
+    dataset = VOC12ImageDataset(tiny_voc / "train.txt", tiny_voc)
+    normalize = segmentation.input_normalizer(backbone, None)
+    imgs = [torch.from_numpy(imutils.hwc_to_chw(normalize(dataset[i]["orig"]))) for i in range(2)]
+    torch.manual_seed(0)
+    net = segmentation.make_net(backbone, classes.num_classes, width=WIDTH if backbone == "resnet38" else 1.0)
+    calibrate(net, imgs[0])
+    assert len(np.unique(infer_seg.predict_probs(net, imgs[0], [1.0], False, torch.device("cpu")).argmax(0))) >= 5
+
+    def run(dtype, dev, amp, layout) -> list[np.ndarray]:
+        model = net.to(dev, dtype, memory_format=layout)
+        with torch.autocast(dev.type, enabled=amp):
+            return [infer_seg.predict_probs(model, img.to(dtype), [1.0, 0.75], True, dev, layout) for img in imgs]
 
     check_against_cpu(run, device)

@@ -1,20 +1,32 @@
 """torchrun, sharding, and the rank-0-only logging, progress and TensorBoard helpers."""
 from __future__ import annotations
 
+import gc
 import importlib.util
 import io
 import logging
 import os
+import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from tool.distributed import DistInfo, all_reduce_mean, init_distributed, shard, unwrap, wrap_model
+from tool.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    distributed_session,
+    init_distributed,
+    shard,
+    unwrap,
+    wrap_model,
+)
 from tool.errors import InputError
 from tool.logutils import AverageMeter, TBWriter, Timer, progress, setup_logging
 
@@ -87,6 +99,54 @@ def test_single_process_without_torchrun(single_process):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):
             init_distributed("cuda")
+
+
+def one_rank_group(monkeypatch) -> None:
+    """torchrun's variables for a world of one process: a real Gloo group, in this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_session_frees_ddp_before_leaving_the_group_and_leaves_together(monkeypatch):
+    """DistributedDataParallel can outlive the function that used it (a closure cell of its hooks
+    and a retained frame were seen keeping it), holding the process group and its last all-reduce
+    until a collection; a reference cycle stands in for that here. The session collects before
+    destroying the group (not at some later time, or while the interpreter shuts down), and the
+    ranks meet at a barrier first, but not after an error."""
+    one_rank_group(monkeypatch)
+    calls = []
+    real_barrier, real_destroy = dist.barrier, dist.destroy_process_group
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (calls.append("barrier"), real_barrier(*a, **k)))
+    monkeypatch.setattr(dist, "destroy_process_group",
+                        lambda *a, **k: (calls.append(("destroy", wrapper() is not None)), real_destroy(*a, **k)))
+
+    def one_step(info: DistInfo) -> weakref.ref:
+        model = wrap_model(nn.Linear(3, 2), info)
+        model(torch.randn(4, 3)).sum().backward()
+        cycle = [model]
+        cycle.append(cycle)
+        return weakref.ref(model)
+
+    gc.disable()  # the collector must not run on its own in between
+    try:
+        with distributed_session("cpu") as info:
+            assert info.distributed
+            wrapper = one_step(info)
+            assert isinstance(wrapper(), nn.parallel.DistributedDataParallel)  # alive: the cycle
+    finally:
+        gc.enable()
+    assert calls == ["barrier", ("destroy", False)] and not dist.is_initialized()
+
+    calls.clear()
+    one_rank_group(monkeypatch)
+    with pytest.raises(ValueError), distributed_session("cpu"):
+        wrapper = lambda: None  # noqa: E731
+        raise ValueError("a rank failed")
+    assert calls == [("destroy", False)] and not dist.is_initialized()
 
 
 class FakeTerminal(io.StringIO):

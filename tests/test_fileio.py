@@ -14,6 +14,7 @@ from tool.fileio import (
     load_img_name_list,
     load_sb_map,
     load_scores,
+    output_files,
     save_label_png,
     save_sb_map,
     save_scores,
@@ -62,6 +63,17 @@ def test_atomic_path_leaves_nothing_under_the_final_name_on_failure(tmp_path):
         tmp.write_bytes(b"new but half")
         raise RuntimeError("killed")
     assert target.read_bytes() == b"old"
+
+
+def test_output_files_leave_out_a_write_in_progress(tmp_path):
+    save_label_png(tmp_path / "b.png", np.zeros((2, 2), np.uint8))
+    with atomic_path(tmp_path / "a.png") as tmp:
+        tmp.write_bytes(b"half")
+        # A glob of *.png matches atomic_path's temporary; output_files does not.
+        assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted([tmp.name, "b.png"])
+        assert output_files(tmp_path, ".png") == [tmp_path / "b.png"]
+    assert output_files(tmp_path, ".png") == [tmp_path / "a.png", tmp_path / "b.png"]
+    assert output_files(tmp_path, ".npz") == [] and output_files(tmp_path / "missing", ".png") == []
 
 
 def test_outputs_get_the_usual_permissions(tmp_path):

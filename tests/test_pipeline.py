@@ -17,7 +17,7 @@ import torch
 
 from evaluation import do_python_eval
 from tool import provenance
-from tool.fileio import load_img_name_list, load_label_png, load_scores
+from tool.fileio import load_img_name_list, load_label_png, load_scores, output_files
 from voc12.classes import load_classes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,11 +134,11 @@ def test_infer_resumes_after_sigkill_with_each_output_once(stages: Path, tiny_vo
     cmd = [sys.executable, str(ROOT / "infer_SB.py"), *map(str, args), "--out_cam", str(tmp_path / "cam")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(list((tmp_path / "cam").glob("*.npz"))) < 3 and time.time() < deadline:
+    while len(output_files(tmp_path / "cam", ".npz")) < 3 and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    partial = sorted(p.name for p in (tmp_path / "cam").glob("*.npz"))
+    partial = [p.name for p in output_files(tmp_path / "cam", ".npz")]
     names = load_img_name_list(tiny_voc / "train.txt")
     assert 3 <= len(partial) < len(names)
     result = run_script("infer_SB.py", *args, "--out_cam", tmp_path / "cam")
@@ -148,7 +148,7 @@ def test_infer_resumes_after_sigkill_with_each_output_once(stages: Path, tiny_vo
         reference = load_scores(stages / "cam" / f"{name}.npz")
         np.testing.assert_array_equal(ours[0], reference[0])
         np.testing.assert_allclose(ours[1], reference[1], atol=1e-6)
-    assert sorted(p.name for p in (tmp_path / "cam").glob("*.npz")) == sorted(f"{n}.npz" for n in names)
+    assert [p.name for p in output_files(tmp_path / "cam", ".npz")] == sorted(f"{n}.npz" for n in names)
 
 
 def torchrun(script: str, *args) -> subprocess.CompletedProcess:
@@ -175,7 +175,7 @@ def test_distributed_inference_writes_each_output_once(stages: Path, tiny_voc: P
                       stages / "aff.pth", "--infer_list", tiny_voc / "train.txt", "--cam_dir", stages / "cam",
                       "--out_rw", tmp_path / "rw")
     names = load_img_name_list(tiny_voc / "train.txt")
-    assert sorted(p.stem for p in (tmp_path / "rw").glob("*.png")) == sorted(names)
+    assert [p.stem for p in output_files(tmp_path / "rw", ".png")] == sorted(names)
     for name in names:
         np.testing.assert_array_equal(load_label_png(tmp_path / "rw" / f"{name}.png"),
                                       load_label_png(stages / "rw" / f"{name}.png"))

@@ -10,6 +10,7 @@ import pytest
 
 from tool import provenance
 from tool.errors import InputError
+from tool.fileio import output_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def test_source_digest_follows_the_code_a_script_runs(tmp_path):
 
 
 def outputs(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob("*.png"))
+    return [p.name for p in output_files(folder, ".png")]
 
 
 def test_claim_reuses_a_match_and_refuses_or_redoes_a_mismatch(tmp_path):
@@ -67,6 +68,18 @@ def test_claim_reuses_a_match_and_refuses_or_redoes_a_mismatch(tmp_path):
     (folder / "img2.png").write_bytes(b"2")
     assert provenance.claim_outputs(folder, first, overwrite="all", suffix=".png")
     assert outputs(folder) == [] and provenance.read_record(folder) == first
+
+
+def test_a_killed_writes_temporary_is_no_output_and_a_redo_removes_it(tmp_path):
+    folder = tmp_path / "cam"
+    provenance.claim_outputs(folder, {"x": 1}, overwrite=None, suffix=".npz")
+    left = folder / ".a.npz.k3j9x.tmp.npz"  # atomic_path's temporary, as SIGKILL leaves it
+    left.write_bytes(b"half")
+    assert list(folder.glob("*.npz")) == [left] and output_files(folder, ".npz") == []
+    # Nothing finished to protect: another record claims the folder without --overwrite ...
+    assert provenance.claim_outputs(folder, {"x": 2}, overwrite=None, suffix=".npz")
+    # ... and the redo leaves no temporary behind.
+    assert list(folder.glob("*.npz")) == [] and provenance.read_record(folder) == {"x": 2}
 
 
 def test_outputs_without_a_record_are_not_trusted(tmp_path):

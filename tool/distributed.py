@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import inspect
 import os
 import signal
@@ -75,18 +76,32 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
 @contextlib.contextmanager
 def distributed_session(device: str | None = None) -> Iterator[DistInfo]:
-    """:func:`init_distributed`, and :func:`cleanup` however the block ends."""
+    """:func:`init_distributed`, and :func:`cleanup` however the block ends; the ranks leave
+    together when it ends normally (not after an error: the other ranks may never get there)."""
     info = init_distributed(device)
     try:
         yield info
-    finally:
+    except BaseException:
         cleanup()
+        raise
+    cleanup(together=True)
 
 
-def cleanup() -> None:
-    """Leave the process group (a no-op for a single process)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(together: bool = False) -> None:
+    """Leave the process group (a no-op for a single process).
+
+    First the wrappers that hold it go: DistributedDataParallel can outlive the function that used
+    it (reference cycles through its hooks' closures), and with it its reducer, the process group
+    and the last all-reduce's work; left to the cyclic collector they may be destroyed after the
+    group or while the interpreter shuts down, where a rank can abort at exit. ``together``: then a
+    barrier, so that no rank closes its connections while another still finishes its last collective.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def wrap_model(model: nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:

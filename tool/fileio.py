@@ -56,6 +56,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def output_files(folder: str | Path, suffix: str) -> list[Path]:
+    """The outputs ``NAME{suffix}`` in ``folder``, sorted; none if it does not exist. Hidden files
+    are left out: :func:`atomic_path`'s temporaries (``.NAME{suffix}.XXXX.tmp{suffix}``, there while
+    a write is under way and after a killed one) end in ``suffix`` too, and a glob matches them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f"*{suffix}") if not p.name.startswith("."))
+
+
 def read_text(path: str | Path) -> str:
     """A text file's contents as UTF-8 (a byte-order mark dropped); UTF-16/32 and other encodings
     are refused in one line rather than read as garbage names."""

@@ -33,7 +33,7 @@ from typing import Any
 
 from tool.distributed import DistInfo, barrier
 from tool.errors import InputError
-from tool.fileio import atomic_path
+from tool.fileio import atomic_path, output_files
 
 RECORD_NAME = ".provenance.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -144,10 +144,6 @@ def read_record(folder: str | Path) -> dict[str, Any] | None:
         return {}  # unreadable: matches nothing
 
 
-def _outputs(folder: Path, suffix: str) -> list[Path]:
-    return sorted(p for p in folder.glob(f"*{suffix}") if not p.name.startswith("."))
-
-
 def claim_outputs(folder: str | Path, record: dict[str, Any], *, overwrite: str | None, suffix: str,
                   info: DistInfo | None = None) -> bool:
     """Make ``folder`` (outputs ``*suffix``) the home of outputs described by ``record``; see the
@@ -158,7 +154,7 @@ def claim_outputs(folder: str | Path, record: dict[str, Any], *, overwrite: str 
     old = read_record(folder)
     if old == record:
         return overwrite != "all"
-    if not overwrite and folder.is_dir() and _outputs(folder, suffix):
+    if not overwrite and output_files(folder, suffix):
         changed = sorted(k for k in record.keys() | (old or {}).keys() if (old or {}).get(k) != record.get(k))
         what = "no record of what made them" if old is None else f"other {', '.join(changed)}"
         raise InputError(f"{folder} holds outputs with {what}; pass --overwrite to redo them")
@@ -166,7 +162,8 @@ def claim_outputs(folder: str | Path, record: dict[str, Any], *, overwrite: str 
         barrier(info)  # every rank has read the old record before rank 0 replaces it
     if info is None or info.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        for path in _outputs(folder, suffix):
+        # The outputs, and the temporaries that killed writes left beside them (no rank writes now).
+        for path in folder.glob(f"*{suffix}"):
             path.unlink()
         with atomic_path(folder / RECORD_NAME) as tmp:
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

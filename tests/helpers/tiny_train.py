@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tool.distributed import cleanup, init_distributed, unwrap, wrap_model  # noqa: E402
+from tool.distributed import DistInfo, distributed_session, unwrap, wrap_model  # noqa: E402
 from tool.logutils import setup_logging  # noqa: E402
 from tool.torchutils import PolyOptimizer  # noqa: E402
 from tool.trainloop import fit, make_train_loader, resume_state  # noqa: E402
@@ -62,8 +62,12 @@ def wait_for_signal() -> None:
 def main(argv: list[str] | None = None) -> list[float]:
     """Train; return the loss of every step of this run (this rank's)."""
     args = parse_args(argv)
+    with distributed_session("cpu") as info:  # as the stage scripts run
+        return train(args, info)
+
+
+def train(args: argparse.Namespace, info: DistInfo) -> list[float]:
     run_args = fit_args(args)
-    info = init_distributed("cpu")
     logger = setup_logging(None, info)
     random.seed(args.seed)
     np.random.seed(args.seed)  # noqa: NPY002 (the legacy global generator is what is checkpointed)
@@ -100,7 +104,6 @@ def main(argv: list[str] | None = None) -> list[float]:
         step_fn=step_fn, logger=logger, start=start)
     final = {"model": unwrap(model).state_dict(), "seen": torch.tensor(seen)}
     torch.save(final, args.out / f"final_rank{info.rank}.pt")
-    cleanup()
     return losses
 
 
