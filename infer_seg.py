@@ -6,12 +6,20 @@ DeepLab's dense CRF, palette PNGs.
     python infer_seg.py --voc12_root VOC2012 --weights deeplabv2_rw.pth --infer_list voc12/test.txt \
         --out_dir submission --server_layout      # results/VOC2012/Segmentation/comp6_test_cls + tar
 
-PNGs are written atomically and an image whose outputs exist is skipped (``--overwrite`` redoes
-them). Under torchrun the list is split over the ranks.
+PNGs are written atomically. Each output folder records the weights and the flags that made it
+(``tool.provenance``): with the same ones an image whose outputs exist is skipped (a killed run
+resumes), with other ones the command stops and names ``--overwrite``. Under torchrun the list is
+split over the ranks.
+
+The CRF's bilateral term compares colours. deeplab-pytorch (the ResNet-101 recipe) gives it the
+network's input, the BGR image minus the caffe mean, cast to uint8 (negative values wrap); that is
+the default for ``--seg_backbone resnet101`` and ``--crf_on_rgb`` gives it the real image. SEAM's
+codebase (``resnet38``) gives it the real image.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import tarfile
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -21,10 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from network import segmentation
-from tool import imutils
+from network.deeplab_v2 import caffe_input
+from tool import imutils, provenance
 from tool.cli import add_data_args, add_infer_args, add_model_args, add_seg_model_args, run_main, str2bool
 from tool.crf import DEEPLAB_CRF, crf_inference
-from tool.distributed import DistInfo, distributed_session, memory_format, shard
+from tool.distributed import DistInfo, die_with_parent, distributed_session, memory_format, shard
 from tool.errors import InputError
 from tool.fileio import atomic_path, save_label_png
 from tool.logutils import progress, setup_logging
@@ -51,6 +60,9 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flip", action="store_true", help="also average the mirrored input's logits")
     parser.add_argument("--server_layout", action="store_true",
                         help=f"write OUT_DIR/{SERVER_DIR}/NAME.png and OUT_DIR/{SERVER_TAR} for the VOC test server")
+    parser.add_argument("--crf_on_rgb", action="store_true",
+                        help="the CRF compares the real image's colours; by default (resnet101) it sees the "
+                             "caffe mean-subtracted BGR input cast to uint8, as deeplab-pytorch's does")
     parser.add_argument("--crf_workers", default=2, type=int, help="processes running the dense CRF")
     return parser
 
@@ -75,6 +87,17 @@ def predict_probs(model: torch.nn.Module, img: torch.Tensor, scales: list[float]
     return torch.softmax(total / views, dim=0).cpu().numpy()
 
 
+def crf_image_kind(args: argparse.Namespace) -> str:
+    """What the CRF's bilateral term sees: ``released`` (deeplab-pytorch's wrapped mean-subtracted
+    BGR) or ``rgb``."""
+    return "released" if args.seg_backbone == "resnet101" and not args.crf_on_rgb else "rgb"
+
+
+def crf_image(img: np.ndarray, kind: str) -> np.ndarray:
+    """The uint8 ``(H, W, 3)`` image the CRF compares colours of, from the RGB image ``img``."""
+    return imutils.released_uint8_cast(caffe_input(img)) if kind == "released" else img
+
+
 def crf_label(img: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """Argmax after DeepLab's CRF (runs in a worker process)."""
     return np.argmax(crf_inference(img, probs, t=CRF_ITERATIONS, **DEEPLAB_CRF), axis=0).astype(np.uint8)
@@ -87,6 +110,19 @@ def pred_dir(args: argparse.Namespace) -> Path:
 def outputs_done(name: str, args: argparse.Namespace) -> bool:
     paths = [pred_dir(args) / f"{name}.png"] + ([Path(args.out_raw_dir) / f"{name}.png"] if args.out_raw_dir else [])
     return all(p.is_file() for p in paths)
+
+
+def output_folders(args: argparse.Namespace, use_amp: bool) -> dict[Path, dict]:
+    """Each output folder with its provenance record."""
+    base = provenance.describe(__file__, weights=args.weights, inputs=[args.dataset_classes], flags={
+        "seg_backbone": args.seg_backbone, "seg_input": args.seg_input or segmentation.DEFAULT_INPUT[args.seg_backbone],
+        "backbone_width": args.backbone_width, "test_scales": args.test_scales, "flip": args.flip, "amp": use_amp,
+        "voc12_root": str(Path(args.voc12_root).resolve())})
+    folders = {pred_dir(args): {**base, "output": "label", "crf": args.crf,
+                                "crf_image": crf_image_kind(args) if args.crf else None}}
+    if args.out_raw_dir:
+        folders[Path(args.out_raw_dir)] = {**base, "output": "raw"}
+    return folders
 
 
 def write_server_tar(out_dir: Path, names: list[str]) -> Path:
@@ -112,15 +148,22 @@ def infer(args: argparse.Namespace, info: DistInfo) -> Path | None:
     normalize = segmentation.input_normalizer(args.seg_backbone, args.seg_input)
 
     dataset = VOC12ImageDataset(args.infer_list, args.voc12_root)
+    use_amp = args.amp and info.device.type == "cuda"
+    folders = output_folders(args, use_amp)
+    if len(folders) < 1 + bool(args.out_raw_dir):
+        raise InputError("--out_raw_dir must differ from the folder of the labels (--out_dir)")
+    skip_finished = all([provenance.claim_outputs(folder, record, overwrite=args.overwrite, suffix=".png", info=info)
+                         for folder, record in folders.items()])
     todo = [i for i in shard(list(range(len(dataset))), info)
-            if args.overwrite or not outputs_done(dataset.names[i], args)]
+            if not (skip_finished and outputs_done(dataset.names[i], args))]
     logger.info("%d of %d images to infer on rank %d", len(todo), len(dataset), info.rank)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=1,
                                          collate_fn=first_item, num_workers=args.num_workers)
     out = pred_dir(args)
     pending: list[tuple[str, Future]] = []
-    use_amp = args.amp and info.device.type == "cuda"
-    with ProcessPoolExecutor(max_workers=max(args.crf_workers, 1)) as pool:
+    kind = crf_image_kind(args)
+    with ProcessPoolExecutor(max_workers=max(args.crf_workers, 1), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         for pack in progress(loader, info, desc="infer_seg"):
             name, img = pack["name"], pack["orig"]
             net_img = torch.from_numpy(imutils.hwc_to_chw(normalize(img)))
@@ -132,7 +175,7 @@ def infer(args: argparse.Namespace, info: DistInfo) -> Path | None:
             if not args.crf:
                 save_label_png(out / f"{name}.png", raw)
                 continue
-            pending.append((name, pool.submit(crf_label, img, probs)))
+            pending.append((name, pool.submit(crf_label, crf_image(img, kind), probs)))
             while pending and (pending[0][1].done() or len(pending) > 4 * max(args.crf_workers, 1)):
                 done_name, future = pending.pop(0)
                 save_label_png(out / f"{done_name}.png", future.result())

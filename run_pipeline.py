@@ -14,7 +14,7 @@ flags try the chain quickly:
     python run_pipeline.py --voc12_root VOC2012 --weights ... --backbone_width 0.25 --batch_size 4 \\
         --round1_epoches 1 --sb_epoches 1 --aff_epoches 1 --train_list small.txt
 
-The stages, in order: round1, sb_map, sb, infer_sb, aff, infer_aff, eval. Each has a fingerprint:
+The stages, in order: round1, sb_map, sb, infer_sb, aff, infer_aff, seg, infer_seg, eval. Each has a fingerprint:
 its commands, the hash of the project source they run (the script and every module it imports),
 the content of the input files the user gave (weights, lists, labels, class list) and the
 fingerprint of the stage before it. ``OUT_DIR/stages.json`` keeps the fingerprint of every
@@ -43,8 +43,10 @@ from PIL import Image
 import evaluation
 import infer_aff
 import infer_SB
+import infer_seg
 import train_aff
 import train_SB
+import train_seg
 from coco14 import prepare as coco14_prepare
 from tool import provenance
 from tool.cli import run_main
@@ -55,7 +57,7 @@ from voc12 import sb_map
 from voc12.data import default_label_file
 
 LA, HA = infer_SB.CRF_ALPHAS  # low and high background powers of the CRF outputs
-STAGES = ("round1", "sb_map", "sb", "infer_sb", "aff", "infer_aff", "eval")
+STAGES = ("round1", "sb_map", "sb", "infer_sb", "aff", "infer_aff", "seg", "infer_seg", "eval")
 STATE_FILE = "stages.json"
 SPLITS = ("train", "val")
 
@@ -64,7 +66,26 @@ DEMO = {
     "num_train": 240, "num_val": 60, "image_size": 160, "backbone_width": 0.125, "batch_size": 8, "lr": 0.01,
     "momentum": 0.9, "num_classes": 5, "smooth_weight": 0.1, "rw_alpha": 4, "rw_logt": 4,
     "round1_epoches": 30, "sb_epoches": 16, "aff_epoches": 8, "num_workers": 1,
+    # DeepLab-v1 on the narrow ResNet-38, from the SB step's backbone, on the random-walk labels.
+    "seg_iters": 300, "seg_lr": 0.01, "seg_batch_size": 8, "seg_iter_size": 1, "seg_head_bn_momentum": 0.1,
 }
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    """The segmentation stage's options; ``None`` leaves train_seg.py's default (the VOC recipe)."""
+
+    backbone: str = "resnet101"
+    weights: str | None = None  # its start; the demo's is the SB step's backbone
+    input: str | None = None  # network input normalisation (caffe / imagenet)
+    balanced_ce: bool = False
+    iters: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    iter_size: int | None = None
+    crop_size: int | None = None
+    scales: tuple[float, ...] | None = None
+    head_bn_momentum: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,8 @@ class Config:
     smooth_weight: float | None = None
     rw_alpha: float | None = None
     rw_logt: int | None = None
+    seg: SegConfig = field(default_factory=SegConfig)
+
 
 
 def flags(**options: Any) -> list[str]:
@@ -158,6 +181,20 @@ def build_stages(cfg: Config) -> list[Stage]:
     aff_init = sb + ".pth" if cfg.demo else cfg.weights
     crf = {split: str(out / f"crf_{split}") for split in SPLITS}
     infer_lists = {"train": cfg.train_list, "val": cfg.eval_lists["val"]}
+    # DeepLab: real data trains DeepLab-v2 from --seg_weights; the demo the narrow ResNet-38
+    # DeepLab-v1 from the SB step's backbone (as the first round stands in for ImageNet).
+    seg_cfg = cfg.seg
+    seg = str(out / "seg")
+    seg_net = flags(seg_backbone=seg_cfg.backbone, seg_input=seg_cfg.input,
+                    backbone_width=cfg.backbone_width if seg_cfg.backbone == "resnet38" else None)
+    seg_train = data + seg_net + flags(
+        device=cfg.device, num_workers=cfg.num_workers, tblog_dir=out / "tblog", train_list=cfg.train_list,
+        label_dir=out / "rw_train", weights=sb + ".pth" if cfg.demo else seg_cfg.weights or cfg.weights,
+        session_name=seg, seed=cfg.seed, train_bn=cfg.train_bn and seg_cfg.backbone == "resnet38",
+        max_iters=seg_cfg.iters, lr=seg_cfg.lr, momentum=cfg.momentum if cfg.demo else None,
+        batch_size=seg_cfg.batch_size, iter_size=seg_cfg.iter_size, crop_size=seg_cfg.crop_size,
+        scales=seg_cfg.scales, head_bn_momentum=seg_cfg.head_bn_momentum, balanced_ce=seg_cfg.balanced_ce)
+    seg_infer = data + seg_net + flags(device=cfg.device, num_workers=cfg.num_workers, weights=seg + ".pth")
 
     def cmd(module: ModuleType, argv: list[str], role: str) -> Command:
         return Command(module, tuple(argv), role)
@@ -170,7 +207,9 @@ def build_stages(cfg: Config) -> list[Stage]:
             cmd(train_SB, sb_train + flags(weights=cfg.weights, max_epoches=cfg.epochs.get("round1"),
                                            session_name=r1, boundary_weight=0, smooth_weight=0), "train"),
             cmd(infer_SB, common + flags(weights=r1 + ".pth", infer_list=cfg.train_list,
-                                         out_crf=out / "round1_crf"), "infer"),
+                                         out_cam=out / "round1_cam_train", out_crf=out / "round1_crf"), "infer"),
+            cmd(infer_SB, common + flags(weights=r1 + ".pth", infer_list=infer_lists["val"],
+                                         out_cam=out / "round1_cam_val"), "infer"),
         ), inputs=user_files),
         Stage("sb_map", (cmd(sb_map, data + flags(list=cfg.train_list, crf_dir=infer_SB.crf_dir(
             str(out / "round1_crf"), LA), out_dir=out / "sb_map"), "other"),)),
@@ -190,17 +229,28 @@ def build_stages(cfg: Config) -> list[Stage]:
             cmd(infer_aff, common + flags(alpha=cfg.rw_alpha, logt=cfg.rw_logt, weights=aff + ".pth",
                                           infer_list=lst, cam_dir=out / f"cam_{split}", out_rw=out / f"rw_{split}"),
                 "infer") for split, lst in infer_lists.items())),
+        Stage("seg", (cmd(train_seg, seg_train, "train"),), inputs=(seg_cfg.weights,) if seg_cfg.weights else ()),
+        # Evaluated lists only (train_aug's other images are not scored): argmax and CRF labels.
+        Stage("infer_seg", tuple(
+            cmd(infer_seg, seg_infer + flags(infer_list=lst, out_dir=out / f"seg_crf_{split}",
+                                             out_raw_dir=out / f"seg_{split}"), "infer")
+            for split, lst in cfg.eval_lists.items())),
         Stage("eval", tuple(eval_commands(cfg))),
     ]
 
 
 # What the table shows: its row, the folder evaluated (by split) and how.
 EVALUATED = (
+    ("round1_cam", "round1_cam_{}", ["--type", "npz", "--curve", "True"]),
     ("cam", "cam_{}", ["--type", "npz", "--curve", "True"]),
     ("crf_la", f"crf_{{}}_{LA:.1f}", ["--type", "npz"]),
     ("crf_ha", f"crf_{{}}_{HA:.1f}", ["--type", "npz"]),
     ("rw", "rw_{}", ["--type", "png"]),
+    ("seg", "seg_{}", ["--type", "png"]),
+    ("seg_crf", "seg_crf_{}", ["--type", "png"]),
 )
+TITLES = {"round1_cam": "SEAM baseline CAM (round 1)", "cam": "SB CAM", "crf_la": f"CRF la (alpha {LA})",
+          "crf_ha": f"CRF ha (alpha {HA})", "rw": "random walk", "seg": "DeepLab", "seg_crf": "DeepLab + CRF"}
 
 
 def eval_commands(cfg: Config) -> list[Command]:
@@ -322,8 +372,8 @@ def write_results(cfg: Config, outputs: list[dict], seconds: float) -> None:
     for (split, key), res in zip(pairs, outputs, strict=True):
         results[key][split] = res["mIoU"]
         results["provenance"][f"{key}_{split}"] = res.get("provenance")
-        if key == "cam":
-            results["cam_threshold"][split] = res.get("threshold")
+        if res.get("threshold") is not None:  # CAMs: mIoU at the best background threshold
+            results["cam_threshold"][f"{key}_{split}"] = res["threshold"]
     results["seconds"] = round(seconds, 1)
     with atomic_path(cfg.out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
@@ -341,21 +391,23 @@ def check_results(cfg: Config, results: dict) -> None:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'mIoU (%)':<22} train     val")
-    for key, title in (("cam", "CAM (best threshold)"), ("crf_la", f"CRF la (alpha {LA})"),
-                       ("crf_ha", f"CRF ha (alpha {HA})"), ("rw", "random walk")):
-        print(f"{title:<22}{results[key]['train']:>6.1f}  {results[key]['val']:>6.1f}")
+    """One row per stage; CAM rows at their best background threshold."""
+    width = max(map(len, TITLES.values())) + 2
+    print(f"\n{'mIoU (%)':<{width}} train     val")
+    for key, _, _ in EVALUATED:
+        print(f"{TITLES[key]:<{width}}{results[key]['train']:>6.1f}  {results[key]['val']:>6.1f}")
 
 
 def write_figure(out: Path, root: Path, val_list: str, count: int = 4) -> None:
-    """Image, ground truth, CAM and random-walk mask of a few val images."""
+    """Image, ground truth, CAM, random-walk mask and DeepLab + CRF mask of a few val images."""
     rows = []
     for name in load_img_name_list(val_list)[:count]:
         img = read_image(root / "JPEGImages" / f"{name}.jpg")
         gt = colorize_label(load_label_png(root / "SegmentationClass" / f"{name}.png"))
         cam = blend(img, heatmap(cam_max_score(out / "cam_val" / f"{name}.npz", img.shape[:2])))
         rw = colorize_label(load_label_png(out / "rw_val" / f"{name}.png"))
-        rows.append(figure_row(img, [gt, cam, rw]))
+        seg = colorize_label(load_label_png(out / "seg_crf_val" / f"{name}.png"))
+        rows.append(figure_row(img, [gt, cam, rw, seg]))
     with atomic_path(out / "demo.png") as tmp:
         Image.fromarray(stack_rows(rows)).save(tmp, format="PNG")
 
@@ -371,19 +423,31 @@ def prepare_coco(args: argparse.Namespace) -> Path:
     return root
 
 
+def real_seg_config(args: argparse.Namespace, seg_options: dict[str, Any]) -> SegConfig:
+    """The segmentation stage on real data: DeepLab-v2 from --seg_weights by default."""
+    backbone = args.seg_backbone or "resnet101"
+    if backbone == "resnet101" and args.seg_weights is None:
+        raise InputError("the seg stage trains DeepLab-v2 from --seg_weights (deeplab-pytorch's "
+                         "deeplabv1_resnet101-coco.pth, or torchvision's resnet101 with --seg_input imagenet "
+                         "--balanced_ce); or pass --seg_backbone resnet38 to start it from --weights")
+    return SegConfig(backbone=backbone, weights=args.seg_weights, **seg_options)
+
+
 def make_config(args: argparse.Namespace) -> Config:
     out = Path(args.out_dir)
     small_run = {"backbone_width": args.backbone_width, "num_workers": args.num_workers,
                  "batch_size": args.batch_size, "crop_size": args.crop_size,
                  "resize_long": tuple(args.resize_long) if args.resize_long else None}
     epochs = {"round1": args.round1_epoches, "sb": args.sb_epoches, "aff": args.aff_epoches}
+    seg_options = {"input": args.seg_input, "balanced_ce": args.balanced_ce, "iters": args.seg_iters}
     if args.coco_root is not None:
+        seg = real_seg_config(args, seg_options)  # refused before the long preparation
         root = prepare_coco(args)
         return Config(out=out, root=root, classes_file=str(root / coco14_prepare.CLASSES_FILE_NAME), demo=False,
                       weights=args.weights, train_list=args.train_list or str(root / "train.txt"),
                       eval_lists={"train": args.eval_train_list or str(root / "train.txt"),
                                   "val": args.val_list or str(root / "val.txt")},
-                      device=args.device, seed=args.seed, epochs=epochs, **small_run)
+                      device=args.device, seed=args.seed, epochs=epochs, seg=seg, **small_run)
     if args.voc12_root is not None:
         root = Path(args.voc12_root)
         if not root.is_dir():
@@ -392,7 +456,11 @@ def make_config(args: argparse.Namespace) -> Config:
                       train_list=args.train_list or "voc12/train_aug.txt",
                       eval_lists={"train": args.eval_train_list or "voc12/train.txt",
                                   "val": args.val_list or "voc12/val.txt"},
-                      device=args.device, seed=args.seed, epochs=epochs, **small_run)
+                      device=args.device, seed=args.seed, epochs=epochs,
+                      seg=real_seg_config(args, seg_options), **small_run)
+    if args.seg_weights or args.seg_backbone == "resnet101":
+        raise InputError("the demo trains DeepLab-v1 on the narrow ResNet-38 from its SB step; --seg_weights and "
+                         "--seg_backbone resnet101 are for real data (--voc12_root)")
     from voc12.demo import make_demo_dataset
 
     root = out / "data"
@@ -413,6 +481,10 @@ def make_config(args: argparse.Namespace) -> Config:
         smooth_weight=DEMO["smooth_weight"],
         # 20x20 feature maps, not VOC's 63x47: a shorter walk with a larger background share.
         rw_alpha=DEMO["rw_alpha"], rw_logt=DEMO["rw_logt"],
+        seg=SegConfig(backbone="resnet38", **{**seg_options, "iters": args.seg_iters or max(
+                          1, round(DEMO["seg_iters"] * args.demo_scale))},
+                      lr=DEMO["seg_lr"], batch_size=DEMO["seg_batch_size"], iter_size=DEMO["seg_iter_size"],
+                      crop_size=size, head_bn_momentum=DEMO["seg_head_bn_momentum"]),
         **{k: v if v is not None else defaults[k] for k, v in small_run.items()})
 
 
@@ -444,6 +516,17 @@ def get_arg_parser() -> argparse.ArgumentParser:
     small.add_argument("--sb_epoches", default=None, type=int)
     small.add_argument("--aff_epoches", default=None, type=int)
     small.add_argument("--num_workers", default=None, type=int)
+    seg = parser.add_argument_group("the segmentation stage (DeepLab on the random-walk labels)")
+    seg.add_argument("--seg_weights", default=None,
+                     help="DeepLab-v2's start on real data: deeplabv1_resnet101-coco.pth or torchvision's resnet101")
+    seg.add_argument("--seg_backbone", default=None, choices=("resnet101", "resnet38"),
+                     help="resnet101 (DeepLab-v2, the default on real data) or resnet38 (DeepLab-v1, the demo's; "
+                          "from --seg_weights or --weights)")
+    seg.add_argument("--seg_input", default=None, choices=("caffe", "imagenet"),
+                     help="input normalisation (default: the backbone's; imagenet for torchvision's weights)")
+    seg.add_argument("--balanced_ce", action="store_true",
+                     help="background/foreground balanced loss (ImageNet-initialised DeepLab-v2 needs it)")
+    seg.add_argument("--seg_iters", default=None, type=int, help="training iterations (default: the recipe's 20000)")
     real = parser.add_argument_group("lists on real data")
     real.add_argument("--train_list", default=None, help="trained on and inferred (default: voc12/train_aug.txt)")
     real.add_argument("--eval_train_list", default=None, help="train split evaluated (default: voc12/train.txt)")

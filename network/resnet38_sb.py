@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from network import resnet38d
-from tool.imutils import denormalize
+from tool.imutils import denormalize, released_uint8_cast
 from voc12.classes import VOC
 
 CANNY_THRESHOLDS = (10, 100)
@@ -79,11 +79,6 @@ class SemanticEdgeModule(nn.Module):
         edges = [edge_1] + [F.interpolate(e, size=size, mode="bilinear", align_corners=True)
                             for e in (edge_3, edge_5, edge_6)]
         return self.classifier(self.rcab(torch.cat(edges, dim=1)))
-
-
-def released_uint8_cast(x: np.ndarray) -> np.ndarray:
-    """The released float -> uint8 cast, made deterministic: truncate toward zero, wrap modulo 256."""
-    return (np.trunc(x).astype(np.int64) % 256).astype(np.uint8)
 
 
 def canny_edges(x: torch.Tensor, on_rgb: bool = False) -> torch.Tensor:

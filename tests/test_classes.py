@@ -70,13 +70,13 @@ def test_class_list_files(tmp_path):
 def test_five_class_dataset_runs_end_to_end(tmp_path):
     out = tmp_path / "demo5"
     result = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--demo_classes", "5", "--demo_scale",
-                             "0.05", "--demo_image_size", "64", "--out_dir", str(out)],
+                             "0.05", "--demo_image_size", "64", "--seg_iters", "2", "--out_dir", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     classes = load_classes(out / "data" / "classes.txt")
     assert classes.num_fg == 5
     results = json.loads((out / "results.json").read_text())
-    for stage in ("cam", "crf_la", "crf_ha", "rw"):
+    for stage in ("round1_cam", "cam", "crf_la", "crf_ha", "rw", "seg", "seg_crf"):
         assert set(results[stage]) == {"train", "val"}
         assert all(0 <= v <= 100 for v in results[stage].values())
     assert results["seconds"] > 0
@@ -84,4 +84,4 @@ def test_five_class_dataset_runs_end_to_end(tmp_path):
         assert name in result.stdout
     assert "aeroplane" not in result.stdout
     with Image.open(out / "demo.png") as img:
-        assert img.mode == "RGB" and img.width > 4 * 64
+        assert img.mode == "RGB" and img.width > 5 * 64

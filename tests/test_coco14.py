@@ -207,7 +207,7 @@ def test_the_pipeline_runs_every_stage_on_coco(coco: Path, prepared, tmp_path: P
     argv = ["--coco_root", coco, "--coco14_root", out, "--weights", narrow, "--out_dir", work, "--train_list", train,
             "--eval_train_list", train, "--backbone_width", "0.125", "--batch_size", "2", "--crop_size", "64",
             "--resize_long", "56", "80", "--round1_epoches", "1", "--sb_epoches", "1", "--aff_epoches", "1",
-            "--num_workers", "0"]
+            "--num_workers", "0", "--seg_backbone", "resnet38", "--seg_iters", "1"]
     results = run_pipeline.run(run_pipeline.get_arg_parser().parse_args([str(a) for a in argv]))
     names = load_img_name_list(train)
     labels = load_image_labels(out / "cls_labels.npz", names, len(COCO_CATEGORIES))

@@ -20,9 +20,9 @@ import run_pipeline
 from tool.provenance import RECORD_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--demo_scale", "0.05", "--demo_image_size", "64", "--demo_classes", "3"]
-INFERRED = ("round1_crf_4.0", "cam_train", "crf_train_4.0", "crf_train_24.0", "cam_val", "rw_train", "rw_val",
-            "sb_map")
+TINY = ["--demo_scale", "0.05", "--demo_image_size", "64", "--demo_classes", "3", "--seg_iters", "2"]
+INFERRED = ("round1_crf_4.0", "round1_cam_train", "round1_cam_val", "cam_train", "crf_train_4.0", "crf_train_24.0",
+            "cam_val", "rw_train", "rw_val", "sb_map", "seg_train", "seg_val", "seg_crf_train", "seg_crf_val")
 
 
 def copy_project(dest: Path) -> Path:
@@ -81,6 +81,17 @@ def test_first_run_runs_every_stage_and_records_every_folder(first):
     assert cam["weights_sha256"] == json.loads(first["records"]["cam_val"])["weights_sha256"]
     results = json.loads((first["out"] / "results.json").read_text())
     assert results["provenance"]["cam_train"] is not None
+    # One row per stage, on train and val; the CAM rows at their best background threshold.
+    rows = [line.rsplit(None, 2) for line in first["table"].splitlines()[1:]]
+    assert [row[0] for row in rows] == [run_pipeline.TITLES[key] for key, _, _ in run_pipeline.EVALUATED]
+    for (key, _, _), (_, train, val) in zip(run_pipeline.EVALUATED, rows, strict=True):
+        assert (float(train), float(val)) == (round(results[key]["train"], 1), round(results[key]["val"], 1))
+    assert set(results["cam_threshold"]) == {f"{key}_{split}" for key in ("round1_cam", "cam")
+                                             for split in ("train", "val")}
+    # DeepLab-v1 on the narrow ResNet-38 labels every image of the lists; its CRF sees the real image.
+    seg = json.loads(first["records"]["seg_crf_val"])
+    assert seg["seg_backbone"] == "resnet38" and seg["crf_image"] == "rgb"
+    assert len(list((first["out"] / "seg_train").glob("*.png"))) == len(list((first["out"] / "rw_train").glob("*.png")))
 
 
 def test_unchanged_rerun_trains_and_infers_nothing(first):
@@ -101,7 +112,7 @@ def test_from_sb_retrains_only_from_the_sb_step(first):
     kept = mtimes(out, "round1*") | mtimes(out, "round1_crf_*/*") | mtimes(out, "sb_map/*")
     redone = mtimes(out, "sb.pth") | mtimes(out, "aff.pth")
     stdout = run(first["project"], out, "--from", "sb")
-    assert ran(stdout) == ["sb", "infer_sb", "aff", "infer_aff", "eval"]
+    assert ran(stdout) == ["sb", "infer_sb", "aff", "infer_aff", "seg", "infer_seg", "eval"]
     assert "[round1] kept as it is" in stdout and "[sb_map] kept as it is" in stdout
     assert mtimes(out, "round1*") | mtimes(out, "round1_crf_*/*") | mtimes(out, "sb_map/*") == kept
     now = mtimes(out, "sb.pth") | mtimes(out, "aff.pth")
@@ -151,12 +162,17 @@ def test_real_data_chain_runs_small_and_hints_only_its_own_flags(tiny_voc, tmp_p
              "--train_list", str(tiny_voc / "train.txt"), "--eval_train_list", str(tiny_voc / "train.txt"),
              "--val_list", str(tiny_voc / "val.txt")]
     small = ["--batch_size", "4", "--crop_size", "64", "--resize_long", "56", "80", "--round1_epoches", "1",
-             "--sb_epoches", "1", "--aff_epoches", "1", "--num_workers", "0"]
+             "--sb_epoches", "1", "--aff_epoches", "1", "--num_workers", "0", "--seg_iters", "1"]
     narrow = tmp_path / "narrow.pth"
     from network import resnet38_sb
 
     torch.save(resnet38_sb.Net(width=0.125).state_dict(), narrow)
     cmd = [sys.executable, str(ROOT / "run_pipeline.py"), *lists, *small, "--out_dir", str(tmp_path / "out")]
+    no_seg_start = subprocess.run([*cmd, "--weights", str(narrow)], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=300)
+    assert no_seg_start.returncode == 2 and len(no_seg_start.stderr.strip().splitlines()) == 1
+    assert "--seg_weights" in no_seg_start.stderr and not (tmp_path / "out").exists()
+    cmd += ["--seg_backbone", "resnet38"]  # DeepLab-v1 on the narrow ResNet-38, from --weights
     wrong = subprocess.run([*cmd, "--weights", str(narrow)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     hints = set(re.findall(r"--\w+", wrong.stderr.strip().splitlines()[-1]))
@@ -164,4 +180,6 @@ def test_real_data_chain_runs_small_and_hints_only_its_own_flags(tiny_voc, tmp_p
     result = subprocess.run([*cmd, "--weights", str(narrow), "--backbone_width", "0.125"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert ran(result.stdout) == list(run_pipeline.STAGES) and "random walk" in result.stdout
+    assert ran(result.stdout) == list(run_pipeline.STAGES) and "DeepLab + CRF" in result.stdout
+    assert re.search(r"\$ python train_seg.py .*--seg_backbone resnet38 --backbone_width 0.125 .*"
+                     r"--label_dir \S+rw_train .*--weights \S+narrow.pth", result.stdout)

@@ -2,6 +2,7 @@
 a training run with resume, and infer_seg.py's CRF, skipping and server layout."""
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 import infer_seg
 import train_seg
 from network import deeplab_v2, segmentation
+from tool import provenance
 from tool.crf import DEEPLAB_CRF, crf_inference
 from tool.fileio import load_label_png
 from tool.losses import balanced_cross_entropy, resize_label, segmentation_loss
@@ -126,7 +128,7 @@ def train_args(root: Path, tmp: Path, session: str, *extra: str) -> list[str]:
             "--tblog_dir", str(tmp / "tb"), *TINY, *extra]
 
 
-def test_train_resume_and_infer(tiny_voc, tmp_path):
+def test_train_resume_and_infer(tiny_voc, tmp_path, capsys):
     # lr_step beyond max_iters: a constant rate, so a 2-iteration run resumed to 4 must equal a 4-iteration run.
     constant = ["--lr_step", "1000", "--save_every", "2"]
     straight = train_seg.run(train_seg.get_arg_parser().parse_args(
@@ -177,6 +179,74 @@ def test_train_resume_and_infer(tiny_voc, tmp_path):
     infer_seg.run(infer_seg.get_arg_parser().parse_args([*common, "--out_dir", str(out), "--out_raw_dir", str(raw),
                                                          "--server_layout"]))
     assert (raw / f"{name}.png").stat().st_mtime_ns == stamp
+
+    # Outputs of other weights are refused in one line that names --overwrite, and left as they are.
+    two = tmp_path / "two.pth"
+    torch.save(after_two, two)
+    other = [a if a != str(straight) else str(two) for a in common]
+    refused = other + ["--out_dir", str(out), "--out_raw_dir", str(raw), "--server_layout"]
+    with pytest.raises(SystemExit) as exit_info:
+        infer_seg.main(refused)
+    message = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(message.splitlines()) == 1
+    assert "other weights_sha256" in message and "--overwrite" in message
+    assert (raw / f"{name}.png").stat().st_mtime_ns == stamp
+    # --overwrite redoes every output with the new weights; the record names them.
+    infer_seg.run(infer_seg.get_arg_parser().parse_args([*refused, "--overwrite", "--crf", "False"]))
+    assert all((raw / f"{n}.png").stat().st_mtime_ns > stamp for n in names)
+    net.load_state_dict(after_two)
+    with torch.no_grad():
+        probs = torch.softmax(net(x[None])[0], dim=0).numpy()
+    np.testing.assert_array_equal(load_label_png(raw / f"{name}.png"), probs.argmax(0))
+    record = provenance.read_record(raw)
+    assert record["weights_sha256"] == hashlib.sha256(two.read_bytes()).hexdigest()
+    assert record["output"] == "raw" and provenance.read_record(out / infer_seg.SERVER_DIR)["crf"] is False
+    # --crf changes only the labels: --overwrite stale redoes their folder and keeps the raw one's record.
+    raw_record = (raw / provenance.RECORD_NAME).read_bytes()
+    infer_seg.run(infer_seg.get_arg_parser().parse_args([*refused, "--overwrite", "stale"]))
+    assert (raw / provenance.RECORD_NAME).read_bytes() == raw_record
+    assert provenance.read_record(out / infer_seg.SERVER_DIR)["crf_image"] == "rgb"
+    np.testing.assert_array_equal(load_label_png(raw / f"{name}.png"), probs.argmax(0))
+
+
+def test_crf_image_is_deeplab_pytorchs_wrapped_input_by_default():
+    rng = np.random.default_rng(7)
+    img = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    img[0, 0] = (122, 116, 104)  # 0.675, 0.669 and 0.008 below the mean: truncated to 0
+    # deeplab-pytorch: cv2's BGR image as float32, minus the mean, .astype(np.uint8) (wraps below 0).
+    bgr = img[..., ::-1].astype(np.float64) - np.array([104.008, 116.669, 122.675])
+    expected = np.mod(np.fix(bgr), 256).astype(np.uint8)
+    parse = infer_seg.get_arg_parser().parse_args
+    base = ["--weights", "w.pth", "--out_dir", "o"]
+    assert infer_seg.crf_image_kind(parse(base)) == "released"
+    assert infer_seg.crf_image_kind(parse([*base, "--crf_on_rgb"])) == "rgb"
+    assert infer_seg.crf_image_kind(parse([*base, "--seg_backbone", "resnet38"])) == "rgb"
+    released = infer_seg.crf_image(img, "released")
+    np.testing.assert_array_equal(released, expected)
+    assert (released[0, 0] == 0).all() and (released > 150).any()  # dark pixels wrap to bright
+    np.testing.assert_array_equal(infer_seg.crf_image(img, "rgb"), img)
+    # The CRF sees that image: its labels equal pydensecrf's on it.
+    probs = rng.dirichlet(np.ones(3), size=img.shape[:2]).transpose(2, 0, 1).astype(np.float32)
+    crf = dcrf.DenseCRF2D(img.shape[1], img.shape[0], 3)
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, None)).reshape(3, -1)))
+    crf.addPairwiseGaussian(sxy=1, compat=3)
+    crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=expected, compat=4)
+    np.testing.assert_array_equal(infer_seg.crf_label(released, probs),
+                                  np.array(crf.inference(10)).reshape(probs.shape).argmax(0))
+
+
+def test_wrapped_crf_image_splits_colours_either_side_of_the_mean():
+    # Two regions 2 grey levels apart, on either side of the caffe mean: alike for the real image,
+    # 255 and 0 after the wrap. The confident left region pulls the unsure right one only on --crf_on_rgb.
+    img = np.zeros((8, 16, 3), np.uint8)
+    img[:, :12], img[:, 12:] = (121, 115, 103), (123, 117, 105)
+    probs = np.zeros((2, 8, 16), np.float32)
+    probs[0, :, :12], probs[0, :, 12:] = 0.9, 0.45
+    probs[1] = 1 - probs[0]
+    released = infer_seg.crf_image(img, "released")
+    assert (released[:, :12] == 255).all() and (released[:, 12:] == 0).all()
+    np.testing.assert_array_equal(infer_seg.crf_label(released, probs), probs.argmax(0))
+    assert (infer_seg.crf_label(infer_seg.crf_image(img, "rgb"), probs) == 0).all()
 
 
 def test_deeplab_crf_parameters():

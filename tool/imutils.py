@@ -147,6 +147,12 @@ def block_mean(m: np.ndarray, k: int) -> np.ndarray:
     return padded.reshape(c, hp // k, k, wp // k, k).mean(axis=(2, 4))
 
 
+def released_uint8_cast(x: np.ndarray) -> np.ndarray:
+    """The released code's float -> uint8 cast (``x.astype(np.uint8)`` of values outside 0..255),
+    made deterministic: truncate toward zero, wrap modulo 256."""
+    return (np.trunc(x).astype(np.int64) % 256).astype(np.uint8)
+
+
 class Normalize:
     """uint8 HWC RGB image -> float32 HWC, ``(img / 255 - mean) / std`` per channel (in float64,
     as the released code computes it)."""
