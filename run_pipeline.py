@@ -415,8 +415,6 @@ def write_figure(out: Path, root: Path, val_list: str, count: int = 4) -> None:
 def prepare_coco(args: argparse.Namespace) -> Path:
     """MS COCO 2014 in the VOC layout (``coco14.prepare``), at ``--coco14_root``. It runs every
     time: finished masks are kept, so after the first run it only checks what is there."""
-    if args.dataset_classes:
-        raise InputError("--coco_root brings its own class list; drop --dataset_classes")
     root = Path(args.coco14_root or Path(args.out_dir) / "COCO14")
     Command(coco14_prepare, tuple(flags(coco_root=args.coco_root, out_root=root, num_workers=args.num_workers)),
             "other").run()
@@ -441,6 +439,8 @@ def make_config(args: argparse.Namespace) -> Config:
     epochs = {"round1": args.round1_epoches, "sb": args.sb_epoches, "aff": args.aff_epoches}
     seg_options = {"input": args.seg_input, "balanced_ce": args.balanced_ce, "iters": args.seg_iters}
     if args.coco_root is not None:
+        if args.dataset_classes:
+            raise InputError("--coco_root brings its own class list; drop --dataset_classes")
         seg = real_seg_config(args, seg_options)  # refused before the long preparation
         root = prepare_coco(args)
         return Config(out=out, root=root, classes_file=str(root / coco14_prepare.CLASSES_FILE_NAME), demo=False,

@@ -198,8 +198,8 @@ def test_refusals(coco: Path, tmp_path: Path, capsys, breakage: str, match: str)
 def test_the_pipeline_runs_every_stage_on_coco(coco: Path, prepared, tmp_path: Path):
     """run_pipeline.py --coco_root: prepares (here: finds the prepared masks) and runs the chain."""
     out, _ = prepared
-    train = tmp_path / "train4.txt"  # 4 of the labelled images: 2 steps of batch 2, seconds per stage
-    train.write_text("".join(line + "\n" for line in (out / "train.txt").read_text().splitlines()[:4]))
+    train = tmp_path / "train5.txt"  # 5 labelled images: 2 steps of batch 2, one of DeepLab's batch of 5
+    train.write_text("".join(line + "\n" for line in (out / "train.txt").read_text().splitlines()[:5]))
     shutil.copy(out / "cls_labels.npz", tmp_path)  # the labels beside the list
     narrow = tmp_path / "narrow.pth"
     torch.save(resnet38_sb.Net(num_classes=len(COCO_CATEGORIES) + 1, width=0.125).state_dict(), narrow)
