@@ -3,7 +3,7 @@
 With no arguments: the demo. It generates a small dataset in VOC layout, trains a narrow
 ResNet-38 from random init on whatever device there is, and reports every stage's mIoU:
 
-    python run_pipeline.py                      # about 12 minutes on 2 CPU cores
+    python run_pipeline.py                      # about 20 minutes on 2 CPU cores
     python run_pipeline.py --demo_classes 5     # a custom class list
 
 With real data, the paper's defaults (see README.md for the steps one by one); the small-run
@@ -61,7 +61,7 @@ STAGES = ("round1", "sb_map", "sb", "infer_sb", "aff", "infer_aff", "seg", "infe
 STATE_FILE = "stages.json"
 SPLITS = ("train", "val")
 
-# The demo's scale: sized so that the whole run takes about 12 minutes on 2 CPU cores.
+# The demo's scale: 11 minutes on 2 CPU cores up to the random walk; the DeepLab stages add about 8 (bench/DEMO.md).
 DEMO = {
     "num_train": 240, "num_val": 60, "image_size": 160, "backbone_width": 0.125, "batch_size": 8, "lr": 0.01,
     "momentum": 0.9, "num_classes": 5, "smooth_weight": 0.1, "rw_alpha": 4, "rw_logt": 4,
