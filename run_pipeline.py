@@ -61,7 +61,8 @@ STAGES = ("round1", "sb_map", "sb", "infer_sb", "aff", "infer_aff", "seg", "infe
 STATE_FILE = "stages.json"
 SPLITS = ("train", "val")
 
-# The demo's scale: 11 minutes on 2 CPU cores up to the random walk; the DeepLab stages add about 8 (bench/DEMO.md).
+# The demo's scale: 11 minutes on 2 CPU cores up to the random walk; with the DeepLab stages 23 minutes on a
+# partly shared machine (bench/DEMO.md), over the 15-minute budget.
 DEMO = {
     "num_train": 240, "num_val": 60, "image_size": 160, "backbone_width": 0.125, "batch_size": 8, "lr": 0.01,
     "momentum": 0.9, "num_classes": 5, "smooth_weight": 0.1, "rw_alpha": 4, "rw_logt": 4,
