@@ -3,7 +3,7 @@
 With no arguments: the demo. It generates a small dataset in VOC layout, trains a narrow
 ResNet-38 from random init on whatever device there is, and reports every stage's mIoU:
 
-    python run_pipeline.py                      # about 20 minutes on 2 CPU cores
+    python run_pipeline.py                      # about 23 minutes on 2 CPU cores
     python run_pipeline.py --demo_classes 5     # a custom class list
 
 With real data, the paper's defaults (see README.md for the steps one by one); the small-run
