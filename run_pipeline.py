@@ -265,27 +265,32 @@ def eval_commands(cfg: Config) -> list[Command]:
 
 
 class StageState:
-    """``OUT_DIR/stages.json``: the fingerprint of each finished stage and of the one running."""
+    """``OUT_DIR/stages.json``: the fingerprint of each finished stage and of the one running, and
+    the seconds each finished stage took (its last run)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         data = json.loads(path.read_text()) if path.is_file() else {}
         self.done: dict[str, str] = data.get("done", {})
         self.running: dict[str, str] = data.get("running", {})
+        self.seconds: dict[str, float] = data.get("seconds", {})
 
     def save(self) -> None:
         with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps({"done": self.done, "running": self.running}, indent=1) + "\n")
+            tmp.write_text(json.dumps({"done": self.done, "running": self.running, "seconds": self.seconds},
+                                      indent=1) + "\n")
 
     def start(self, name: str, fingerprint: str) -> None:
         """Forget this stage and every later one (they follow it), and note what now runs."""
         for later in STAGES[STAGES.index(name):]:
             self.done.pop(later, None)
+            self.seconds.pop(later, None)
         self.running = {name: fingerprint}
         self.save()
 
-    def finish(self, name: str, fingerprint: str) -> None:
+    def finish(self, name: str, fingerprint: str, seconds: float) -> None:
         self.done[name] = fingerprint
+        self.seconds[name] = round(seconds, 1)
         self.running = {}
         self.save()
 
@@ -350,15 +355,18 @@ def run(args: argparse.Namespace) -> dict:
                 else "not run yet"
             print(f"\n[{stage.name}] running ({why})", flush=True)
             state.start(stage.name, fingerprint)
+            stage_tic = time.time()
             outputs = run_stage(stage, resume)
             if stage.name == "eval":
                 write_results(cfg, outputs, seconds=time.time() - tic)
-            state.finish(stage.name, fingerprint)
+            state.finish(stage.name, fingerprint, time.time() - stage_tic)
+            print(f"[{stage.name}] done in {time.time() - stage_tic:.0f} s", flush=True)
         previous = fingerprint
     if (cfg.out / "results.json").is_file() and "eval" in state.done:
         results = json.loads((cfg.out / "results.json").read_text())
         check_results(cfg, results)
         print_table(results)
+        print("\nseconds per stage (its last run): " + ", ".join(f"{k} {v:.0f}" for k, v in state.seconds.items()))
         print(f"\nresults: {cfg.out / 'results.json'}  picture: {cfg.out / 'demo.png'}  "
               f"({time.time() - tic:.0f} s)")
     return results or {}

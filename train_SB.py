@@ -32,16 +32,18 @@ VIEW2_SCALE = 0.3
 
 class TwoViews(torch.nn.Module):
     """The image and its 0.3x copy through the same network in one call, so that
-    DistributedDataParallel sees one forward per backward."""
+    DistributedDataParallel sees one forward per backward. ``with_edge=False`` skips the boundary
+    branch (its outputs are ``None``)."""
 
-    def __init__(self, net: torch.nn.Module, scale: float = VIEW2_SCALE) -> None:
+    def __init__(self, net: torch.nn.Module, scale: float = VIEW2_SCALE, with_edge: bool = True) -> None:
         super().__init__()
         self.net = net
         self.scale = scale
+        self.with_edge = with_edge
 
     def forward(self, img1: torch.Tensor) -> tuple[resnet38_sb.SBOutput, resnet38_sb.SBOutput]:
         img2 = F.interpolate(img1, scale_factor=self.scale, mode="bilinear", align_corners=True)
-        return self.net(img1), self.net(img2)
+        return self.net(img1, with_edge=self.with_edge), self.net(img2, with_edge=self.with_edge)
 
 
 def get_arg_parser() -> argparse.ArgumentParser:
@@ -71,6 +73,11 @@ def train(args: argparse.Namespace, info: DistInfo) -> Path:
     if args.weights:
         kept = load_weights(model, args.weights, strict=False)
         logger.info("initialised from %s; %d entries keep their own init", args.weights, len(kept))
+    # Only the boundary loss reads the boundary branch: without it (the SEAM baseline) the branch
+    # neither runs nor trains, which also keeps DistributedDataParallel free of unused parameters.
+    with_edge = args.boundary_weight > 0
+    if not with_edge:
+        model.not_training += [model.edge_layer, model.fuse_canny_edge]
     dataset = VOC12ClsDataset(
         args.train_list, args.voc12_root, args.label_file or default_label_file(args.train_list), classes,
         crop_size=args.crop_size, resize_long=tuple(args.resize_long),
@@ -83,7 +90,7 @@ def train(args: argparse.Namespace, info: DistInfo) -> Path:
     model = model.to(info.device, memory_format=layout)
     # After the move: the optimiser state loads onto its parameters' device.
     start = resume_state(args, model, optimizer)
-    views = wrap_model(TwoViews(model), info)
+    views = wrap_model(TwoViews(model, with_edge=with_edge), info)
 
     def step_fn(two_views: torch.nn.Module, pack: dict):
         label = pack["label"].to(info.device, non_blocking=True)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from evaluation import do_python_eval
+from network import resnet38_sb
 from tool import provenance
 from tool.fileio import load_img_name_list, load_label_png, load_scores, output_files
 from voc12.classes import load_classes
@@ -91,6 +92,21 @@ def test_every_stage_writes_its_outputs(stages: Path, tiny_voc: Path):
     assert list((stages / "tb").glob("events.out.tfevents.*"))
 
 
+def test_round1_leaves_the_boundary_branch_untrained(stages: Path, tiny_voc: Path):
+    """The SEAM baseline (no boundary loss) neither runs nor trains the boundary branch: its
+    weights leave round 1 as initialised; the SB step trains them."""
+    torch.manual_seed(100000)  # train_SB.py's default seed, set before it builds the network
+    init = resnet38_sb.Net(num_classes=load_classes(tiny_voc / "classes.txt").num_classes, width=0.125).state_dict()
+    round1 = torch.load(stages / "r1.pth", weights_only=True)
+    sb = torch.load(stages / "sb.pth", weights_only=True)
+    branch = [k for k in init if k.startswith(("edge_layer.", "fuse_canny_edge."))]
+    assert len(branch) > 10
+    for key in branch:
+        torch.testing.assert_close(round1[key], init[key], rtol=0, atol=0)
+    assert not any(torch.equal(sb[key], round1[key]) for key in branch if key.endswith("weight"))
+    assert not torch.equal(round1["fc8.weight"], init["fc8.weight"])
+
+
 def test_outputs_evaluate(stages: Path, tiny_voc: Path):
     names = load_img_name_list(tiny_voc / "train.txt")
     num_classes = load_classes(tiny_voc / "classes.txt").num_classes
@@ -157,11 +173,13 @@ def torchrun(script: str, *args) -> subprocess.CompletedProcess:
                       *args, env=env)
 
 
-@pytest.mark.parametrize("script", ["train_SB.py", "train_aff.py"])
+@pytest.mark.parametrize("script", ["train_SB.py", "round1", "train_aff.py"])
 def test_torchrun_two_ranks_end_with_identical_weights(script: str, stages: Path, tiny_voc: Path, tmp_path: Path):
     args = [*common_args(tiny_voc), *TINY_TRAIN, "--train_list", tiny_voc / "train.txt",
             "--session_name", tmp_path / "ddp", "--tblog_dir", tmp_path / "tb"]
-    if script == "train_SB.py":
+    if script == "round1":  # the SEAM baseline: the boundary branch frozen, no unused parameters
+        script, args = "train_SB.py", [*args, "--boundary_weight", "0", "--smooth_weight", "0"]
+    elif script == "train_SB.py":
         args += ["--sb_map_dir", stages / "sb_map"]
     else:
         args += ["--la_crf_dir", stages / "crf_4.0", "--ha_crf_dir", stages / "crf_24.0"]

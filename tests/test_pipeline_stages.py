@@ -51,7 +51,7 @@ def ran(stdout: str) -> list[str]:
 
 
 def table(stdout: str) -> str:
-    return stdout[stdout.index("mIoU (%)"):].split("\n\nresults:")[0]
+    return stdout[stdout.index("mIoU (%)"):].split("\n\nseconds per stage")[0]
 
 
 def records(out: Path) -> dict[str, str]:
@@ -75,6 +75,9 @@ def test_first_run_runs_every_stage_and_records_every_folder(first):
     assert ran(first["stdout"]) == list(run_pipeline.STAGES)
     state = json.loads((first["out"] / run_pipeline.STATE_FILE).read_text())
     assert list(state["done"]) == list(run_pipeline.STAGES) and state["running"] == {}
+    assert list(state["seconds"]) == list(run_pipeline.STAGES) and min(state["seconds"].values()) > 0
+    for name, seconds in state["seconds"].items():
+        assert f"[{name}] done in {seconds:.0f} s" in first["stdout"]
     for text in first["records"].values():
         assert len(json.loads(text)["source_sha256"]) == 64
     cam = json.loads(first["records"]["cam_train"])
@@ -111,6 +114,7 @@ def test_from_sb_retrains_only_from_the_sb_step(first):
     out = first["out"]
     kept = mtimes(out, "round1*") | mtimes(out, "round1_crf_*/*") | mtimes(out, "sb_map/*")
     redone = mtimes(out, "sb.pth") | mtimes(out, "aff.pth")
+    seconds_before = json.loads((out / run_pipeline.STATE_FILE).read_text())["seconds"]
     stdout = run(first["project"], out, "--from", "sb")
     assert ran(stdout) == ["sb", "infer_sb", "aff", "infer_aff", "seg", "infer_seg", "eval"]
     assert "[round1] kept as it is" in stdout and "[sb_map] kept as it is" in stdout
@@ -118,6 +122,8 @@ def test_from_sb_retrains_only_from_the_sb_step(first):
     now = mtimes(out, "sb.pth") | mtimes(out, "aff.pth")
     assert all(now[k] > redone[k] for k in redone)
     assert "--overwrite" in stdout  # inference of a rerun stage starts clean
+    seconds = json.loads((out / run_pipeline.STATE_FILE).read_text())["seconds"]
+    assert seconds["round1"] == seconds_before["round1"]  # the time of the run that made it
     # Training is deterministic: the same weights, so the same table.
     assert table(stdout) == first["table"]
 
