@@ -53,7 +53,8 @@ def last_good_state(args: argparse.Namespace) -> str:
     path = checkpoint_path(args)
     if path.is_file():
         return f"the last good state is {path} (resume with --resume)"
-    return "no checkpoint was written yet (it is written at each epoch end)"
+    every = f"every {args.save_every} iterations" if getattr(args, "max_iters", None) else "at each epoch end"
+    return f"no checkpoint was written yet (it is written {every})"
 
 
 def epoch_weights_path(args: argparse.Namespace, epoch: int) -> Path:
@@ -147,8 +148,71 @@ def resume_state(args: argparse.Namespace, model: torch.nn.Module,
     return {"epoch": int(ckpt["epoch"]), "batch": int(extra.get("batch", 0)), "scaler": extra.get("scaler")}
 
 
+class _Session:
+    """What both loops share: AMP (float16 autocast and its loss scaler, CUDA only), the loss meter,
+    log lines and TensorBoard curves, the timer, the checkpoint writer and the signal stop."""
+
+    def __init__(self, args: argparse.Namespace, info: DistInfo, net: torch.nn.Module,
+                 optimizer: PolyOptimizer, logger: logging.Logger, total: int, start: dict) -> None:
+        self.args, self.info, self.net, self.optimizer, self.logger = args, info, net, optimizer, logger
+        self.use_amp = args.amp and info.device.type == "cuda"
+        if args.amp and not self.use_amp:
+            logger.warning("--amp has no effect on %s: training in float32", info.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        if start.get("scaler"):
+            self.scaler.load_state_dict(start["scaler"])
+        self.tb = TBWriter(args.tblog_dir, info)
+        self.meter = AverageMeter()
+        self.timer = Timer(total=total, done=optimizer.global_step)
+        self.run_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.float16) if self.use_amp else contextlib.nullcontext()
+
+    def backward(self, losses: dict[str, torch.Tensor], divide: int = 1) -> None:
+        """Stop on a non-finite loss (naming the last good checkpoint), else backpropagate it."""
+        try:
+            check_finite(losses, self.optimizer.global_step)
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"{e}; {last_good_state(self.args)}") from None
+        self.scaler.scale(losses["loss"] / divide).backward()
+        self.meter.add({k: v.item() for k, v in losses.items()})
+
+    def step(self) -> int:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.optimizer.global_step
+
+    def log(self, step: int, where: str, images_per_step: int) -> None:
+        """Every ``--log_every`` steps: the losses averaged over the steps since and over the ranks."""
+        if step % self.args.log_every != 1 and self.args.log_every != 1:
+            return
+        avg = {k: all_reduce_mean(v, self.info) for k, v in self.meter.pop().items()}
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.logger.info("%s %s lr %.6f %.1f img/s eta %s", where, " ".join(f"{k} {v:.4f}" for k, v in avg.items()),
+                         lr, (step - self.timer.start_done) * images_per_step / max(self.timer.elapsed(), 1e-6),
+                         self.timer.eta(step))
+        self.tb.scalars(avg, step, prefix="loss/")
+        self.tb.scalar("lr", lr, step)
+
+    def save(self, epoch: int, batch: int) -> None:
+        """The checkpoint (rank 0): weights, optimiser, RNGs and the data position."""
+        if self.info.is_main:
+            save_checkpoint(checkpoint_path(self.args), model=self.net, optimizer=self.optimizer, epoch=epoch,
+                            step=self.optimizer.global_step, args=self.run_args,
+                            extra={"batch": batch, "scaler": self.scaler.state_dict()})
+
+    def stop_if_asked(self, stop: StopSignal, epoch: int, batch: int) -> None:
+        """On SIGTERM/SIGINT (agreed over the ranks): checkpoint at this position and exit."""
+        if _stop_everywhere(stop, self.info):
+            self.save(epoch, batch)
+            self.logger.warning("stopped by signal at step %d; resume with --resume", self.optimizer.global_step)
+            self.tb.close()
+            raise SystemExit(stop.exit_code or 143)
+
+
 def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
+        optimizer: PolyOptimizer, loader: torch.utils.data.DataLoader,
         sampler: ResumableSampler, step_fn: StepFn, logger: logging.Logger,
         picture_fn: PictureFn | None = None, start: dict | None = None,
         net: torch.nn.Module | None = None) -> Path:
@@ -156,72 +220,32 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
     loadable by the released code). ``model`` is what ``step_fn`` calls (possibly wrapped for
     DDP); ``net`` the network whose weights are saved (default: ``model`` unwrapped)."""
     net = net if net is not None else unwrap(model)
-    tb = TBWriter(args.tblog_dir, info)
-    meter = AverageMeter()
-    use_amp = args.amp and info.device.type == "cuda"
-    if args.amp and not use_amp:
-        logger.warning("--amp has no effect on %s: training in float32", info.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     max_step = sampler.batches_per_epoch() * args.max_epoches
     start = start or {"epoch": 0, "batch": 0}
+    session = _Session(args, info, net, optimizer, logger, total=max_step, start=start)
     start_epoch, start_batch = start["epoch"], start["batch"]
-    if start.get("scaler"):
-        scaler.load_state_dict(start["scaler"])
-    run_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
-    timer = Timer(total=max_step, done=optimizer.global_step)
-
-    def save(epoch: int, batch: int) -> None:
-        if info.is_main:
-            save_checkpoint(checkpoint_path(args), model=net, optimizer=optimizer, epoch=epoch,
-                            step=optimizer.global_step, args=run_args,
-                            extra={"batch": batch, "scaler": scaler.state_dict()})
-
     model.train()
     with StopSignal() as stop:
         for epoch in range(start_epoch, args.max_epoches):
-            sampler.set_epoch(epoch)
-            if hasattr(loader.dataset, "set_epoch"):
-                loader.dataset.set_epoch(epoch)
             first = start_batch if epoch == start_epoch else 0
-            sampler.set_start_batch(first)
+            _set_position(loader, sampler, epoch, first)
             bar = progress(loader, info, desc=f"epoch {epoch + 1}/{args.max_epoches}",
                            total=sampler.batches_per_epoch() - first)
             for batch, pack in enumerate(bar, start=first):
-                autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp
-                            else contextlib.nullcontext())
-                with autocast:
+                with session.autocast():
                     losses, outputs = step_fn(model, pack)
-                try:
-                    check_finite(losses, optimizer.global_step)
-                except NonFiniteLoss as e:
-                    raise NonFiniteLoss(f"{e}; {last_good_state(args)}") from None
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                meter.add({k: v.item() for k, v in losses.items()})
-                step = optimizer.global_step
-                if step % args.log_every == 1 or args.log_every == 1:
-                    avg = {k: all_reduce_mean(v, info) for k, v in meter.pop().items()}  # mean over ranks
-                    lr = optimizer.param_groups[0]["lr"]
-                    logger.info("step %d/%d epoch %d %s lr %.5f %.1f img/s eta %s", step, max_step, epoch + 1,
-                                " ".join(f"{k} {v:.4f}" for k, v in avg.items()), lr,
-                                (step - timer.start_done) * args.batch_size / max(timer.elapsed(), 1e-6),
-                                timer.eta(step))
-                    tb.scalars(avg, step, prefix="loss/")
-                    tb.scalar("lr", lr, step)
+                session.backward(losses)
+                step = session.step()
+                session.log(step, f"step {step}/{max_step} epoch {epoch + 1}", args.batch_size)
                 if picture_fn is not None and info.is_main and step % args.tb_image_every == 1:
-                    tb.image("cam", picture_fn(pack, outputs), step)
-                if _stop_everywhere(stop, info):
-                    save(epoch, batch + 1)
-                    logger.warning("stopped by signal at step %d; resume with --resume", step)
-                    tb.close()
-                    raise SystemExit(stop.exit_code or 143)
+                    session.tb.image("cam", picture_fn(pack, outputs), step)
+                session.stop_if_asked(stop, epoch, batch + 1)
             # The snapshot first: a run killed between the two redoes nothing and loses no snapshot.
             if args.save_every_epoch and info.is_main:
                 save_weights(net, epoch_weights_path(args, epoch + 1))
-            save(epoch + 1, 0)
-    tb.close()
+            session.save(epoch + 1, 0)
+    session.tb.close()
     return _save_final(args, info, net, logger)
 
 
@@ -238,14 +262,19 @@ def _save_final(args: argparse.Namespace, info: DistInfo, net: torch.nn.Module, 
     return final
 
 
+def _set_position(loader: torch.utils.data.DataLoader, sampler: ResumableSampler, epoch: int, batch: int) -> None:
+    """Make the loader's next pass epoch ``epoch``'s order (and augmentation) from batch ``batch`` on."""
+    sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    sampler.set_start_batch(batch)
+
+
 def _endless_batches(loader: torch.utils.data.DataLoader, sampler: ResumableSampler, epoch: int,
                      batch: int) -> Iterator[tuple[int, int, dict]]:
     """``(epoch, batch, pack)`` from position (epoch, batch) on, epoch after epoch."""
     while True:
-        sampler.set_epoch(epoch)
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
-        sampler.set_start_batch(batch)
+        _set_position(loader, sampler, epoch, batch)
         for b, pack in enumerate(loader, start=batch):
             yield epoch, b, pack
         epoch, batch = epoch + 1, 0
@@ -261,24 +290,10 @@ def fit_iterations(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.
     ``args.save_every`` iterations and on SIGTERM/SIGINT, records the data position (epoch,
     batch); the schedule's position is the optimiser's ``global_step``."""
     net = net if net is not None else unwrap(model)
-    tb = TBWriter(args.tblog_dir, info)
-    meter = AverageMeter()
-    use_amp = args.amp and info.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start = start or {"epoch": 0, "batch": 0}
-    if start.get("scaler"):
-        scaler.load_state_dict(start["scaler"])
-    run_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
-    timer = Timer(total=args.max_iters, done=optimizer.global_step)
+    session = _Session(args, info, net, optimizer, logger, total=args.max_iters, start=start)
     batches = _endless_batches(loader, sampler, start["epoch"], start["batch"])
     position = (start["epoch"], start["batch"])
-
-    def save() -> None:
-        if info.is_main:
-            save_checkpoint(checkpoint_path(args), model=net, optimizer=optimizer, epoch=position[0],
-                            step=optimizer.global_step, args=run_args,
-                            extra={"batch": position[1], "scaler": scaler.state_dict()})
-
     model.train()
     with StopSignal() as stop:
         bar = progress(range(optimizer.global_step, args.max_iters), info, desc="iterations",
@@ -290,32 +305,15 @@ def fit_iterations(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.
                 last = micro == args.iter_size - 1
                 # DDP all-reduces the gradients once per iteration, on the last accumulated batch.
                 no_sync = model.no_sync() if info.distributed and not last else contextlib.nullcontext()
-                autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext())
                 with no_sync:
-                    with autocast:
+                    with session.autocast():
                         losses, _ = step_fn(model, pack)
-                    check_finite(losses, optimizer.global_step)
-                    scaler.scale(losses["loss"] / args.iter_size).backward()
-                meter.add({k: v.item() for k, v in losses.items()})
+                    session.backward(losses, divide=args.iter_size)
                 position = (epoch, batch + 1)
-            scaler.step(optimizer)
-            scaler.update()
-            step = optimizer.global_step
-            if step % args.log_every == 1 or args.log_every == 1:
-                avg = {k: all_reduce_mean(v, info) for k, v in meter.pop().items()}
-                lr = optimizer.param_groups[0]["lr"]
-                logger.info("iteration %d/%d %s lr %.6f %.1f img/s eta %s", step, args.max_iters,
-                            " ".join(f"{k} {v:.4f}" for k, v in avg.items()), lr,
-                            (step - timer.start_done) * args.batch_size * args.iter_size / max(timer.elapsed(), 1e-6),
-                            timer.eta(step))
-                tb.scalars(avg, step, prefix="loss/")
-                tb.scalar("lr", lr, step)
-            if _stop_everywhere(stop, info):
-                save()
-                logger.warning("stopped by signal at iteration %d; resume with --resume", step)
-                tb.close()
-                raise SystemExit(stop.exit_code or 143)
+            step = session.step()
+            session.log(step, f"iteration {step}/{args.max_iters}", args.batch_size * args.iter_size)
+            session.stop_if_asked(stop, *position)
             if step % args.save_every == 0 or step == args.max_iters:
-                save()
-    tb.close()
+                session.save(*position)
+    session.tb.close()
     return _save_final(args, info, net, logger)
