@@ -3,7 +3,7 @@
 With no arguments: the demo. It generates a small dataset in VOC layout, trains a narrow
 ResNet-38 from random init on whatever device there is, and reports every stage's mIoU:
 
-    python run_pipeline.py                      # about 23 minutes on 2 CPU cores
+    python run_pipeline.py                      # about 15 minutes on 2 CPU cores
     python run_pipeline.py --demo_classes 5     # a custom class list
 
 With real data, the paper's defaults (see README.md for the steps one by one); the small-run
@@ -61,14 +61,13 @@ STAGES = ("round1", "sb_map", "sb", "infer_sb", "aff", "infer_aff", "seg", "infe
 STATE_FILE = "stages.json"
 SPLITS = ("train", "val")
 
-# The demo's scale: 11 minutes on 2 CPU cores up to the random walk; with the DeepLab stages 23 minutes on a
-# partly shared machine (bench/DEMO.md), over the 15-minute budget.
+# The demo's scale: the whole chain in 866 s on 2 idle CPU cores (bench/DEMO.md, seconds per stage there).
 DEMO = {
-    "num_train": 240, "num_val": 60, "image_size": 160, "backbone_width": 0.125, "batch_size": 8, "lr": 0.01,
+    "num_train": 160, "num_val": 60, "image_size": 160, "backbone_width": 0.125, "batch_size": 8, "lr": 0.01,
     "momentum": 0.9, "num_classes": 5, "smooth_weight": 0.1, "rw_alpha": 4, "rw_logt": 4,
     "round1_epoches": 30, "sb_epoches": 16, "aff_epoches": 8, "num_workers": 1,
     # DeepLab-v1 on the narrow ResNet-38, from the SB step's backbone, on the random-walk labels.
-    "seg_iters": 300, "seg_lr": 0.01, "seg_batch_size": 8, "seg_iter_size": 1, "seg_head_bn_momentum": 0.1,
+    "seg_iters": 300, "seg_lr": 0.001, "seg_batch_size": 8, "seg_iter_size": 1, "seg_head_bn_momentum": 0.1,
 }
 
 
