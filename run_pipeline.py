@@ -359,7 +359,7 @@ def run(args: argparse.Namespace) -> dict:
             if stage.name == "eval":
                 write_results(cfg, outputs, seconds=time.time() - tic)
             state.finish(stage.name, fingerprint, time.time() - stage_tic)
-            print(f"[{stage.name}] done in {time.time() - stage_tic:.0f} s", flush=True)
+            print(f"[{stage.name}] done in {state.seconds[stage.name]:.0f} s", flush=True)
         previous = fingerprint
     if (cfg.out / "results.json").is_file() and "eval" in state.done:
         results = json.loads((cfg.out / "results.json").read_text())
