@@ -25,16 +25,21 @@ def joint_histogram(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     both read off it. OpenCV's 2-D histogram of the two byte planes is about 1.6x faster than
     ``np.bincount`` of 16-bit pair codes, which serves maps too large for its float32 counts.
     """
-    if pred.dtype != np.uint8 or gt.dtype != np.uint8:
-        raise TypeError(f"label maps must be uint8, got {pred.dtype} and {gt.dtype}")
-    if pred.shape != gt.shape:
-        raise InputError(f"prediction of size {pred.shape} does not match ground truth of size {gt.shape}")
+    check_label_pair(pred, gt)
     if 0 < gt.size < CALCHIST_MAX_PIXELS:
         return _calchist(pred, gt).astype(np.int64)
     pair = gt.astype(np.uint16)
     pair <<= 8
     pair |= pred
     return np.bincount(pair.reshape(-1), minlength=_BYTE_VALUES ** 2).reshape(_BYTE_VALUES, _BYTE_VALUES)
+
+
+def check_label_pair(pred: np.ndarray, gt: np.ndarray) -> None:
+    """A prediction and its ground truth: uint8 label maps of one size (a size mismatch is the user's)."""
+    if pred.dtype != np.uint8 or gt.dtype != np.uint8:
+        raise TypeError(f"label maps must be uint8, got {pred.dtype} and {gt.dtype}")
+    if pred.shape != gt.shape:
+        raise InputError(f"prediction of size {pred.shape} does not match ground truth of size {gt.shape}")
 
 
 def _calchist(pred: np.ndarray, gt: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
@@ -117,6 +122,37 @@ def iou_from_confusion(conf: np.ndarray) -> np.ndarray:
     gt_total = conf.sum(axis=-1)
     pred_total = conf[..., :num_classes].sum(axis=-2)
     return tp / (gt_total + pred_total - tp + 1e-10)
+
+
+def precision_recall_from_confusion(conf: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class ``precision`` TP / (TP + FP), ``recall`` TP / (TP + FN), and how a class's errors
+    split: ``fp_share`` FP / (FP + FN) (over-activation) and ``fn_share`` FN / (FP + FN)
+    (under-activation); float64, from a ``(C, C + 1)`` confusion as built here.
+
+    FP of class c: pixels predicted c whose ground truth is another class; FN: pixels of class c
+    predicted as anything else, ``ignore_index`` included (as the IoU counts them). As in
+    :func:`iou_from_confusion`, an empty denominator gives 0 (padded with 1e-10): a class never
+    predicted has precision 0, a class without errors has both shares 0.
+    """
+    conf = np.asarray(conf)
+    num_classes = conf.shape[-2]
+    tp = np.diagonal(conf[..., :num_classes], axis1=-2, axis2=-1)
+    false_pos = conf[..., :num_classes].sum(axis=-2) - tp
+    false_neg = conf.sum(axis=-1) - tp
+    errors = false_pos + false_neg + 1e-10
+    return {"precision": tp / (tp + false_pos + 1e-10), "recall": tp / (tp + false_neg + 1e-10),
+            "fp_share": false_pos / errors, "fn_share": false_neg / errors}
+
+
+def cam_labels(labels: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The uint8 label map of a CAM at background score ``threshold``: SEAM's argmax over
+    ``[t, scores...]`` (first index winning ties), i.e. the best class where its score is above t
+    (compared in float32) and background elsewhere; the prediction :func:`curve_confusions` counts at t."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if scores.ndim != 3 or scores.shape[0] != labels.size:
+        raise InputError(f"scores of shape {scores.shape} do not match {labels.size} labels")
+    best_class, best_score = best_of(labels, scores)
+    return np.where(best_score > np.float32(threshold), best_class, 0).astype(np.uint8).reshape(scores.shape[1:])
 
 
 def curve_histogram(labels: np.ndarray, scores: np.ndarray, gt: np.ndarray, thresholds: np.ndarray,
