@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/bench_evaluation.py                     # 1,464 PNGs, curve on 100 CAMs
     .venv/bin/python bench/bench_evaluation.py --num_images 200 --curve_images 20
+    .venv/bin/python bench/bench_evaluation.py --part metrics      # --metrics miou,biou,trimap,prf vs miou
 
 Generates 500x375 ground-truth PNGs (objects with a 255 boundary band, like VOC) and predictions
 in a temporary folder, then times: the released do_python_eval (8 processes adding to locked
 shared counters, three masks per class per image; re-implemented here), ours, and just decoding
 the two PNGs of every image. The CAM curve: the released way (60 thresholds, every file reloaded
-at each one) against ours (one pass). Both must give identical numbers.
+at each one) against ours (one pass). Both must give identical numbers. ``--part metrics``: our
+evaluation with every metric (Boundary IoU, trimap, precision/recall) against mIoU alone on the
+same PNGs, timed in turn; the two confusions must be identical.
 """
 from __future__ import annotations
 
@@ -127,6 +130,29 @@ def decode_all(root: Path, names: list[str], workers: int) -> int:
                                                                     for i in range(0, len(names), size)]))
 
 
+def bench_metrics(root: Path, names: list[str], workers: int, repeat: int) -> None:
+    """``--metrics miou,biou,trimap,prf`` against ``--metrics miou`` (evaluation.evaluate_counts and
+    the metrics read off the counts, as evaluation.run does them)."""
+    every = evaluation.metric_options(",".join(evaluation.METRICS), 0.02, 5)
+    miou_only = evaluation.metric_options("miou", 0.02, 5)
+
+    def measure(options: evaluation.MetricOptions) -> tuple[np.ndarray, dict]:
+        counts = evaluation.evaluate_counts(root / "png", root / "gt", names, VOC.num_classes,
+                                            num_workers=workers, options=options)
+        conf = counts.confusions[0]
+        return conf, {"mIoU": evaluation.metrics(conf, VOC.all_names)["mIoU"],
+                      **evaluation.extra_metrics(counts, conf, VOC.all_names, options)}
+
+    timed = benchutil.best_times({"miou": lambda: measure(miou_only), "all": lambda: measure(every)}, repeat)
+    (miou_s, (miou_conf, _)), (all_s, (all_conf, result)) = timed["miou"], timed["all"]
+    print(f"\n--metrics, {len(names)} PNG predictions of {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}, {workers} processes, "
+          f"best of {repeat}:")
+    print(f"  {'--metrics miou':<52}{miou_s:7.2f} s")
+    print(f"  {'--metrics miou,biou,trimap,prf':<52}{all_s:7.2f} s   {all_s / miou_s:.2f}x the time of miou")
+    print(f"  confusions identical: {np.array_equal(miou_conf, all_conf)}; mIoU {result['mIoU']:.4f}, "
+          + ", ".join(f"{key} {result[key]['mean']:.4f}" for key in evaluation.EXTRA_COLUMNS) + " (means, %)")
+
+
 def max_difference(a: dict, b: dict) -> float:
     return max(abs(a[key] - b[key]) for key in b)
 
@@ -139,6 +165,9 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int,
                         default=evaluation.get_arg_parser().get_default("num_workers"))
     parser.add_argument("--repeat", default=3, type=int, help="best of this many runs for the fast methods")
+    parser.add_argument("--part", default="all", choices=["all", "released", "metrics"],
+                        help="released: against the released evaluation (PNGs and the CAM curve); "
+                             "metrics: every --metrics against mIoU alone")
     args = parser.parse_args()
     num_classes = VOC.num_classes
     workers = args.num_workers
@@ -148,12 +177,16 @@ def main() -> None:
     try:
         for sub in ("gt", "png", "cam", "npy"):
             (root / sub).mkdir()
+        num_cams = 0 if args.part == "metrics" else args.curve_images
         with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(functools.partial(make_image, root=root, with_cam=False), range(args.curve_images,
-                                                                                             args.num_images)))
-            list(pool.map(functools.partial(make_image, root=root, with_cam=True), range(args.curve_images)))
+            list(pool.map(functools.partial(make_image, root=root, with_cam=False), range(num_cams, args.num_images)))
+            list(pool.map(functools.partial(make_image, root=root, with_cam=True), range(num_cams)))
         names = [f"{i:06d}" for i in range(args.num_images)]
-        cam_names = names[:args.curve_images]
+        cam_names = names[:num_cams]
+        if args.part in ("all", "metrics"):
+            bench_metrics(root, names, workers, args.repeat)
+        if args.part == "metrics":
+            return
 
         print(f"\nPNG evaluation, {len(names)} predictions of {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}:")
         released_s, released = benchutil.best_time(
