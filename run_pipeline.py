@@ -249,6 +249,7 @@ EVALUATED = (
     ("seg", "seg_{}", ["--type", "png"]),
     ("seg_crf", "seg_crf_{}", ["--type", "png"]),
 )
+EVAL_METRICS = ",".join(evaluation.METRICS)  # every metric, on every row
 TITLES = {"round1_cam": "SEAM baseline CAM (round 1)", "cam": "SB CAM", "crf_la": f"CRF la (alpha {LA})",
           "crf_ha": f"CRF ha (alpha {HA})", "rw": "random walk", "seg": "DeepLab", "seg_crf": "DeepLab + CRF"}
 
@@ -258,7 +259,8 @@ def eval_commands(cfg: Config) -> list[Command]:
     for split, lst in cfg.eval_lists.items():
         for key, folder, kind in EVALUATED:
             argv = flags(list=lst, gt_dir=cfg.root / "SegmentationClass", logfile=cfg.out / "evallog.txt",
-                         dataset_classes=cfg.classes_file, predict_dir=cfg.out / folder.format(split))
+                         dataset_classes=cfg.classes_file, predict_dir=cfg.out / folder.format(split),
+                         metrics=EVAL_METRICS)
             commands.append(Command(evaluation, (*argv, *kind, "--comment", f"{key}_{split}"), "other"))
     return commands
 
@@ -372,13 +374,17 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def write_results(cfg: Config, outputs: list[dict], seconds: float) -> None:
-    """The table's numbers, with the provenance hash of every folder they were computed from and
-    the time the run that computed them took."""
+    """The table's numbers (mIoU by row and split), every metric of every evaluation
+    (``metrics[row][split]``: what evaluation.py returned, less the provenance hash), the
+    provenance hash of every folder they were computed from and the time the run that computed
+    them took."""
     results: dict = {key: {} for key, _, _ in EVALUATED}
     results["cam_threshold"], results["provenance"] = {}, {}
+    results["metrics"] = {key: {} for key, _, _ in EVALUATED}
     pairs = [(split, key) for split in cfg.eval_lists for key, _, _ in EVALUATED]
     for (split, key), res in zip(pairs, outputs, strict=True):
         results[key][split] = res["mIoU"]
+        results["metrics"][key][split] = {name: value for name, value in res.items() if name != "provenance"}
         results["provenance"][f"{key}_{split}"] = res.get("provenance")
         if res.get("threshold") is not None:  # CAMs: mIoU at the best background threshold
             results["cam_threshold"][f"{key}_{split}"] = res["threshold"]
@@ -399,11 +405,13 @@ def check_results(cfg: Config, results: dict) -> None:
 
 
 def print_table(results: dict) -> None:
-    """One row per stage; CAM rows at their best background threshold."""
+    """One row per stage: mIoU on train and val, mean Boundary IoU on val; CAM rows at their best
+    background threshold."""
     width = max(map(len, TITLES.values())) + 2
-    print(f"\n{'mIoU (%)':<{width}} train     val")
+    print(f"\n{'mIoU (%)':<{width}} train     val  bIoU val")
     for key, _, _ in EVALUATED:
-        print(f"{TITLES[key]:<{width}}{results[key]['train']:>6.1f}  {results[key]['val']:>6.1f}")
+        biou = results["metrics"][key]["val"]["biou"]["mean"]
+        print(f"{TITLES[key]:<{width}}{results[key]['train']:>6.1f}  {results[key]['val']:>6.1f}  {biou:>8.1f}")
 
 
 def write_figure(out: Path, root: Path, val_list: str, count: int = 4) -> None:

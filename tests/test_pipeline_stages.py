@@ -84,11 +84,19 @@ def test_first_run_runs_every_stage_and_records_every_folder(first):
     assert cam["weights_sha256"] == json.loads(first["records"]["cam_val"])["weights_sha256"]
     results = json.loads((first["out"] / "results.json").read_text())
     assert results["provenance"]["cam_train"] is not None
-    # One row per stage, on train and val; the CAM rows at their best background threshold.
-    rows = [line.rsplit(None, 2) for line in first["table"].splitlines()[1:]]
+    # One row per stage: mIoU on train and val, mean Boundary IoU on val; the CAM rows at their best
+    # background threshold. results.json keeps every metric of every evaluation.
+    assert first["table"].splitlines()[0].split()[-4:] == ["train", "val", "bIoU", "val"]
+    rows = [line.rsplit(None, 3) for line in first["table"].splitlines()[1:]]
     assert [row[0] for row in rows] == [run_pipeline.TITLES[key] for key, _, _ in run_pipeline.EVALUATED]
-    for (key, _, _), (_, train, val) in zip(run_pipeline.EVALUATED, rows, strict=True):
+    for (key, _, _), (_, train, val, biou) in zip(run_pipeline.EVALUATED, rows, strict=True):
         assert (float(train), float(val)) == (round(results[key]["train"], 1), round(results[key]["val"], 1))
+        for split in ("train", "val"):
+            metrics = results["metrics"][key][split]
+            assert metrics["mIoU"] == results[key][split]
+            assert {"biou", "trimap", "precision", "recall", "fp_share", "fn_share"} <= set(metrics)
+            assert 0 <= metrics["biou"]["mean"] <= 100 and metrics["boundary_ratio"] == 0.02
+        assert float(biou) == round(results["metrics"][key]["val"]["biou"]["mean"], 1)
     assert set(results["cam_threshold"]) == {f"{key}_{split}" for key in ("round1_cam", "cam")
                                              for split in ("train", "val")}
     # DeepLab-v1 on the narrow ResNet-38 labels every image of the lists; its CRF sees the real image.
