@@ -27,7 +27,7 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tool import provenance
 from tool.cli import run_main
 from tool.errors import InputError
-from tool.fileio import image_size, load_img_name_list, load_label_png, load_scores, save_sb_map
+from tool.fileio import held_folders, image_size, load_img_name_list, load_label_png, load_scores, save_sb_map
 from voc12.classes import IGNORE_INDEX, load_classes
 from voc12.data import image_path
 
@@ -167,8 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Write one boundary map per listed image; return the output folder."""
+    """Write one boundary map per listed image; return the output folder (held for the run)."""
+    with held_folders():
+        return make_maps(args)
 
+
+def make_maps(args: argparse.Namespace) -> Path:
+    """:func:`run`'s work, inside its hold of the output folder."""
     if not Path(args.voc12_root).is_dir():
         raise InputError(f"VOC2012 folder not found: {args.voc12_root}")
     try:
@@ -190,7 +195,7 @@ def run(args: argparse.Namespace) -> Path:
         "kind": "crf" if args.crf_dir else "label" if args.label_dir else "sbd", "width": args.width,
         "sigma": args.sigma, "voc12_root": str(Path(args.voc12_root).resolve()),
         "fallback_crf": args.fallback_crf_dir and provenance.folder_digest(args.fallback_crf_dir)})
-    provenance.claim_outputs(out_dir, record, overwrite="all", suffix=".npz")
+    provenance.claim_outputs(out_dir, record, overwrite="all", suffix=".npz", names=names)
     work = partial(make_one, args=args, num_classes=classes.num_classes, out_dir=out_dir)
     if args.num_workers > 1 and len(names) > 1:
         with ProcessPoolExecutor(max_workers=args.num_workers) as pool:
