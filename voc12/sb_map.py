@@ -113,10 +113,22 @@ def without_sbd_gaps(names: list[str], sbd_dir: Path, fallback_crf_dir: str | No
     return [n for n in names if n not in skipped]
 
 
+def crf_file(folder: str | Path, name: str) -> Path:
+    """``NAME.npz`` of a CRF folder; the released code's pickled ``NAME.npy`` in its place is refused
+    in one line that says what reads it."""
+    path = Path(folder) / f"{name}.npz"
+    released = path.with_suffix(".npy")
+    if not path.is_file() and released.is_file():
+        raise InputError(f"{folder} holds {released.name}, the released code's pickled CRF dict, not "
+                         f"{path.name}: voc12.sb_map reads the .npz files of infer_SB.py --out_crf (released "
+                         ".npy dicts are read by train_aff.py and evaluation.py with --allow_pickle)")
+    return path
+
+
 def make_one(name: str, args: argparse.Namespace, num_classes: int, out_dir: Path) -> None:
     """Compute, check and write the boundary map of one image."""
     if args.crf_dir:
-        path = Path(args.crf_dir) / f"{name}.npz"
+        path = crf_file(args.crf_dir, name)
         labels, scores = load_scores(path)
         source = labels[np.argmax(scores, axis=0)]
     elif args.label_dir:
@@ -126,7 +138,7 @@ def make_one(name: str, args: argparse.Namespace, num_classes: int, out_dir: Pat
         path = sbd_dataset_dir(args.sbd_upper_bound) / "cls" / f"{name}.mat"
         source = None
         if not path.is_file() and args.fallback_crf_dir:
-            path = Path(args.fallback_crf_dir) / f"{name}.npz"
+            path = crf_file(args.fallback_crf_dir, name)
             labels, scores = load_scores(path)
             source = labels[np.argmax(scores, axis=0)]
     if source is not None:
