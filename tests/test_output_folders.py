@@ -3,6 +3,7 @@ a killed holder leaves no lock behind, and files this tool did not write are nev
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -140,3 +141,20 @@ def test_overwrite_into_a_copy_of_the_ground_truth_deletes_nothing(walk_inputs, 
     assert error_lines(result.stderr) == [f"error: {gt} holds {len(before)} .png files this tool did not write "
                                           f"(first: {first}); choose an empty folder"]
     assert {p.name: p.read_bytes() for p in gt.iterdir() if not p.name.startswith(".")} == before
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_ranks_all_stop_when_another_run_holds_the_folder(walk_inputs, tmp_path):
+    """Rank 0 takes the lock for all ranks and tells them it could not: every rank stops, none waits."""
+    rw = tmp_path / "rw"
+    with held_folders():
+        hold_folder(rw)
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(ROOT / "infer_aff.py"), *walk_inputs["argv"], "--weights",
+                                 str(walk_inputs["weights"][0]), "--out_rw", str(rw)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=150,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert f"error: {rw} is in use by another run (it holds {rw / LOCK_NAME})" in result.stderr
+    assert f"error: {rw} is in use by another run\n" in result.stderr  # rank 1's own line
+    assert list(rw.iterdir()) == [rw / LOCK_NAME]
