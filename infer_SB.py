@@ -27,7 +27,7 @@ from tool.cli import add_data_args, add_infer_args, add_model_args, add_sb_model
 from tool.crf import crf_with_alpha
 from tool.distributed import DistInfo, die_with_parent, distributed_session, memory_format, shard
 from tool.errors import InputError
-from tool.fileio import is_valid_scores, save_label_png, save_scores
+from tool.fileio import held_folders, is_valid_scores, save_label_png, save_scores
 from tool.logutils import progress, setup_logging
 from voc12.classes import load_classes
 from voc12.data import VOC12ClsDatasetMSF, default_label_file, first_item
@@ -131,7 +131,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
                                  args.label_file or default_label_file(args.infer_list), classes, scales=SCALES,
                                  max_side=args.max_side)
     use_amp = args.amp and info.device.type == "cuda"
-    skip_finished = all([provenance.claim_outputs(folder, record, overwrite=args.overwrite, suffix=suffix, info=info)
+    skip_finished = all([provenance.claim_outputs(folder, record, overwrite=args.overwrite, suffix=suffix,
+                                                  names=dataset.names, info=info)
                          for folder, (record, suffix) in output_folders(args, use_amp).items()])
     todo = [i for i in shard(list(range(len(dataset))), info)
             if not (skip_finished and outputs_done(dataset.names[i], args))]
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> None:
     """Infer CAMs and CRFs for the list (this rank's share under torchrun)."""
     if not (args.out_cam or args.out_crf or args.out_cam_pred):
         raise InputError("nothing to write: pass --out_cam, --out_crf and/or --out_cam_pred")
-    with distributed_session(args.device) as info:
+    with distributed_session(args.device) as info, held_folders():
         return infer(args, info)
 
 

@@ -24,7 +24,7 @@ from tool.cli import add_aff_model_args, add_data_args, add_infer_args, add_mode
 from tool.crf import background_score, crf_inference
 from tool.distributed import DistInfo, distributed_session, memory_format, shard
 from tool.errors import InputError
-from tool.fileio import find_array_file, load_scores, save_label_png
+from tool.fileio import find_array_file, held_folders, load_scores, save_label_png
 from tool.logutils import progress, setup_logging
 from tool.randomwalk import propagate
 from voc12.classes import load_classes
@@ -93,7 +93,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
                                         "voc12_root": str(Path(args.voc12_root).resolve()),
                                         "cam_dir": str(Path(args.cam_dir).resolve()),
                                         "cam_provenance": provenance.folder_digest(args.cam_dir)})
-    skip_finished = provenance.claim_outputs(out_dir, record, overwrite=args.overwrite, suffix=".png", info=info)
+    skip_finished = provenance.claim_outputs(out_dir, record, overwrite=args.overwrite, suffix=".png",
+                                             names=dataset.names, info=info)
     todo = [i for i in shard(list(range(len(dataset))), info)
             if not (skip_finished and (out_dir / f"{dataset.names[i]}.png").is_file())]
     logger.info("%d of %d images to walk on rank %d", len(todo), len(dataset), info.rank)
@@ -115,7 +116,7 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Random-walk the CAMs of the list (this rank's share under torchrun)."""
-    with distributed_session(args.device) as info:
+    with distributed_session(args.device) as info, held_folders():
         return infer(args, info)
 
 

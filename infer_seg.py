@@ -35,7 +35,7 @@ from tool.cli import add_data_args, add_infer_args, add_model_args, add_seg_mode
 from tool.crf import DEEPLAB_CRF, crf_inference
 from tool.distributed import DistInfo, die_with_parent, distributed_session, memory_format, shard
 from tool.errors import InputError
-from tool.fileio import atomic_path, save_label_png
+from tool.fileio import atomic_path, held_folders, save_label_png
 from tool.logutils import progress, setup_logging
 from voc12.classes import load_classes
 from voc12.data import VOC12ImageDataset, first_item
@@ -152,7 +152,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> Path | None:
     folders = output_folders(args, use_amp)
     if len(folders) < 1 + bool(args.out_raw_dir):
         raise InputError("--out_raw_dir must differ from the folder of the labels (--out_dir)")
-    skip_finished = all([provenance.claim_outputs(folder, record, overwrite=args.overwrite, suffix=".png", info=info)
+    skip_finished = all([provenance.claim_outputs(folder, record, overwrite=args.overwrite, suffix=".png",
+                                                  names=dataset.names, info=info)
                          for folder, record in folders.items()])
     todo = [i for i in shard(list(range(len(dataset))), info)
             if not (skip_finished and outputs_done(dataset.names[i], args))]
@@ -194,7 +195,7 @@ def infer(args: argparse.Namespace, info: DistInfo) -> Path | None:
 
 def run(args: argparse.Namespace) -> Path | None:
     """Infer the list (this rank's share under torchrun); return the tar with --server_layout."""
-    with distributed_session(args.device) as info:
+    with distributed_session(args.device) as info, held_folders():
         return infer(args, info)
 
 

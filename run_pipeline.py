@@ -23,7 +23,11 @@ nothing else: edit ``tool/losses.py`` and the training stages that use it rerun 
 everything downstream); rerun unchanged and the table is printed again in seconds. A stage that
 reruns starts clean (inference gets ``--overwrite``, training no ``--resume``); a stage that was
 killed resumes (training with ``--resume``, inference with ``--overwrite stale`` keeps the images
-it finished).
+it finished). A finished stage is also checked on every rerun: ``stages.json`` keeps, from when it
+finished, the size and modification time of every file in its output folders, their records'
+hashes, and the size, time and sha256 of its weights; a missing or changed file (or an unreadable
+``stages.json``) makes the rerun redo that stage, with a warning, and every stage after it. One
+run at a time holds ``OUT_DIR``: a second stops with one line.
 ``--from STAGE`` redoes that stage and the ones after it and keeps those before as they are;
 ``--only STAGE`` redoes that stage alone.
 """
@@ -32,6 +36,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +57,7 @@ from coco14 import prepare as coco14_prepare
 from tool import provenance
 from tool.cli import run_main
 from tool.errors import InputError
-from tool.fileio import atomic_path, load_img_name_list, load_label_png, read_image
+from tool.fileio import atomic_path, held_folders, hold_folder, load_img_name_list, load_label_png, read_image
 from tool.visualization import blend, cam_max_score, colorize_label, figure_row, heatmap, stack_rows
 from voc12 import sb_map
 from voc12.data import default_label_file
@@ -130,6 +136,10 @@ def flags(**options: Any) -> list[str]:
     return argv
 
 
+# The flags that name the folders a command writes.
+OUTPUT_FOLDER_FLAGS = ("--out_cam", "--out_cam_pred", "--out_rw", "--out_dir", "--out_raw_dir")
+
+
 @dataclass(frozen=True)
 class Command:
     """One stage script run exactly as its command line would run it."""
@@ -150,12 +160,29 @@ class Command:
     def session(self) -> Path:
         return Path(self.argv[self.argv.index("--session_name") + 1])
 
+    def outputs(self) -> list[Path]:
+        """The folders and the weights file this command writes, read off its flags."""
+        found = []
+        for flag, value in zip(self.argv, self.argv[1:], strict=False):
+            if flag in OUTPUT_FOLDER_FLAGS:
+                found.append(Path(value))
+            elif flag == "--out_crf":
+                found += [infer_SB.crf_dir(value, alpha) for alpha in infer_SB.CRF_ALPHAS]
+            elif flag == "--session_name":
+                found.append(Path(f"{value}.pth"))
+        return found
+
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     commands: tuple[Command, ...]
     inputs: tuple[str, ...] = ()  # files the user gave, hashed into the fingerprint
+    writes: tuple[Path, ...] = ()  # files the stage writes itself, besides its commands' outputs
+
+    def outputs(self) -> list[Path]:
+        """What a rerun checks before it calls this stage up to date."""
+        return [path for command in self.commands for path in command.outputs()] + list(self.writes)
 
     def fingerprint(self, previous: str | None) -> str:
         spec = {"previous": previous,
@@ -235,7 +262,7 @@ def build_stages(cfg: Config) -> list[Stage]:
             cmd(infer_seg, seg_infer + flags(infer_list=lst, out_dir=out / f"seg_crf_{split}",
                                              out_raw_dir=out / f"seg_{split}"), "infer")
             for split, lst in cfg.eval_lists.items())),
-        Stage("eval", tuple(eval_commands(cfg))),
+        Stage("eval", tuple(eval_commands(cfg)), writes=(out / "results.json", out / "demo.png")),
     ]
 
 
@@ -265,35 +292,120 @@ def eval_commands(cfg: Config) -> list[Command]:
     return commands
 
 
+def output_state(path: Path) -> dict:
+    """What a stage's output is as the stage finishes: a folder's record hash and, per file, its
+    size and modification time (hashing every CAM again on each rerun would take minutes); a
+    file's (the weights, results.json) size, time and sha256."""
+    if path.is_dir():
+        return {"record": provenance.folder_digest(path), "files": folder_files(path)}
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": provenance.file_digest(path)}
+
+
+def folder_files(folder: Path) -> dict[str, list[int]]:
+    """``[size, mtime_ns]`` of each file in ``folder`` (hidden ones, records and locks, left out)."""
+    with os.scandir(folder) as entries:
+        return {e.name: [(st := e.stat()).st_size, st.st_mtime_ns] for e in entries
+                if not e.name.startswith(".") and e.is_file()}
+
+
+def changes(path: Path, then: dict) -> tuple[list[str], list[Path]]:
+    """What changed in an output since its stage finished (``then``: its :func:`output_state`):
+    one phrase per change, and the changed files of a folder (deleted before the stage is redone,
+    so that its resumed inference remakes them). A file whose time alone changed is hashed."""
+    if "files" in then:
+        if not path.is_dir():
+            return [f"{path} is missing"], []
+        found = []
+        if provenance.folder_digest(path) != then["record"]:
+            found.append(f"{path / provenance.RECORD_NAME} changed")
+        now, changed = folder_files(path), []
+        for name, state in sorted(then["files"].items()):
+            if name not in now:
+                found.append(f"{path / name} is missing")
+            elif now[name] != state:
+                found.append(f"{path / name} changed ({now[name][0]} bytes, {state[0]} when the stage finished)")
+                changed.append(path / name)
+        return found, changed
+    if not path.is_file():
+        return [f"{path} is missing"], []
+    stat = path.stat()
+    if stat.st_size != then["size"] or (stat.st_mtime_ns != then["mtime_ns"]
+                                        and provenance.file_digest(path) != then["sha256"]):
+        return [f"{path} changed ({stat.st_size} bytes, {then['size']} when the stage finished)"], []
+    return [], []
+
+
 class StageState:
-    """``OUT_DIR/stages.json``: the fingerprint of each finished stage and of the one running, and
-    the seconds each finished stage took (its last run)."""
+    """``OUT_DIR/stages.json``: the fingerprint of each finished stage and of the one running, the
+    seconds each finished stage took (its last run) and its outputs as it finished (:func:`output_state`)."""
+
+    KEYS = ("done", "running", "seconds", "outputs")
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        data = self.read(path)
         self.done: dict[str, str] = data.get("done", {})
         self.running: dict[str, str] = data.get("running", {})
         self.seconds: dict[str, float] = data.get("seconds", {})
+        self.outputs: dict[str, dict[str, dict]] = data.get("outputs", {})
+
+    @classmethod
+    def read(cls, path: Path) -> dict:
+        """The file's contents; {} (with a warning: it vouches for no stage) when it cannot be read."""
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+        value_types = {"done": str, "running": str, "seconds": (int, float), "outputs": dict}
+        if isinstance(data, dict) and all(
+                isinstance(data.get(key, {}), dict) and all(isinstance(v, value_types[key])
+                                                            for v in data.get(key, {}).values())
+                for key in cls.KEYS):
+            return data
+        print(f"warning: {path} is unreadable (cut short or not a state file): every stage is redone",
+              file=sys.stderr, flush=True)
+        return {}
 
     def save(self) -> None:
         with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps({"done": self.done, "running": self.running, "seconds": self.seconds},
-                                      indent=1) + "\n")
+            tmp.write_text(json.dumps({key: getattr(self, key) for key in self.KEYS}, indent=1) + "\n")
 
     def start(self, name: str, fingerprint: str) -> None:
         """Forget this stage and every later one (they follow it), and note what now runs."""
         for later in STAGES[STAGES.index(name):]:
             self.done.pop(later, None)
             self.seconds.pop(later, None)
+            self.outputs.pop(later, None)
         self.running = {name: fingerprint}
         self.save()
 
-    def finish(self, name: str, fingerprint: str, seconds: float) -> None:
-        self.done[name] = fingerprint
-        self.seconds[name] = round(seconds, 1)
+    def finish(self, stage: Stage, fingerprint: str, seconds: float) -> None:
+        self.done[stage.name] = fingerprint
+        self.seconds[stage.name] = round(seconds, 1)
+        self.outputs[stage.name] = {str(path): output_state(path) for path in stage.outputs()}
         self.running = {}
         self.save()
+
+    def damage(self, stage: Stage) -> tuple[str | None, list[Path]]:
+        """What is missing or changed among a finished stage's outputs, in one phrase (None when
+        nothing), and the changed files of its folders."""
+        then = self.outputs.get(stage.name)
+        if then is None or set(then) != {str(path) for path in stage.outputs()}:
+            return f"{self.path} has no record of its outputs", []
+        found, changed = [], []
+        for path, state in then.items():
+            try:
+                more, more_changed = changes(Path(path), state)
+            except (KeyError, TypeError, ValueError):
+                more, more_changed = [f"{self.path} has no usable record of {path}"], []
+            found += more
+            changed += more_changed
+        if not found:
+            return None, []
+        return found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""), changed
 
 
 def run_stage(stage: Stage, resume: bool) -> list[Any]:
@@ -329,7 +441,14 @@ def select(args: argparse.Namespace) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> dict:
     tic = time.time()
     cfg = make_config(args)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    with held_folders():
+        hold_folder(cfg.out)  # a second run on this --out_dir stops here, before it writes anything
+        make_dataset(args, cfg)
+        return run_stages(args, cfg, tic)
+
+
+def run_stages(args: argparse.Namespace, cfg: Config, tic: float) -> dict:
+    """Run what is not up to date, then print the table."""
     stages = build_stages(cfg)
     state = StageState(cfg.out / STATE_FILE)
     first_forced, end_forced = select(args)
@@ -340,6 +459,9 @@ def run(args: argparse.Namespace) -> dict:
         if index < first_forced < len(STAGES):  # before the selection: taken as it is
             if stage.name not in state.done:
                 raise InputError(f"stage {stage.name} has not finished in {cfg.out}; run without --from/--only first")
+            damage, _ = state.damage(stage)
+            if damage is not None:
+                raise InputError(f"stage {stage.name}: {damage}; run without --from/--only to redo it")
             print(f"[{stage.name}] kept as it is ({selection})", flush=True)
             previous = state.done[stage.name]
             continue
@@ -348,19 +470,27 @@ def run(args: argparse.Namespace) -> dict:
             continue
         fingerprint = stage.fingerprint(previous)
         forced = first_forced <= index
-        if not forced and state.done.get(stage.name) == fingerprint:
+        finished = not forced and state.done.get(stage.name) == fingerprint
+        damage, changed = state.damage(stage) if finished else (None, [])
+        if finished and damage is None:
             print(f"[{stage.name}] up to date", flush=True)
         else:
-            resume = not forced and state.running.get(stage.name) == fingerprint
-            why = "resuming" if resume else "forced" if forced else "inputs changed" if stage.name in state.done \
-                else "not run yet"
+            if damage is not None:
+                print(f"warning: stage {stage.name}: {damage}; redoing it and every stage after it",
+                      file=sys.stderr, flush=True)
+                for path in changed:  # files of its own folders (their lists name them)
+                    path.unlink(missing_ok=True)
+            # A damaged stage resumes too: inference keeps its intact images, training its checkpoint.
+            resume = damage is not None or (not forced and state.running.get(stage.name) == fingerprint)
+            why = ("outputs damaged" if damage is not None else "resuming" if resume else "forced" if forced
+                   else "inputs changed" if stage.name in state.done else "not run yet")
             print(f"\n[{stage.name}] running ({why})", flush=True)
             state.start(stage.name, fingerprint)
             stage_tic = time.time()
             outputs = run_stage(stage, resume)
             if stage.name == "eval":
                 write_results(cfg, outputs, seconds=time.time() - tic)
-            state.finish(stage.name, fingerprint, time.time() - stage_tic)
+            state.finish(stage, fingerprint, time.time() - stage_tic)
             print(f"[{stage.name}] done in {state.seconds[stage.name]:.0f} s", flush=True)
         previous = fingerprint
     if (cfg.out / "results.json").is_file() and "eval" in state.done:
@@ -428,13 +558,20 @@ def write_figure(out: Path, root: Path, val_list: str, count: int = 4) -> None:
         Image.fromarray(stack_rows(rows)).save(tmp, format="PNG")
 
 
-def prepare_coco(args: argparse.Namespace) -> Path:
-    """MS COCO 2014 in the VOC layout (``coco14.prepare``), at ``--coco14_root``. It runs every
-    time: finished masks are kept, so after the first run it only checks what is there."""
-    root = Path(args.coco14_root or Path(args.out_dir) / "COCO14")
-    Command(coco14_prepare, tuple(flags(coco_root=args.coco_root, out_root=root, num_workers=args.num_workers)),
-            "other").run()
-    return root
+def make_dataset(args: argparse.Namespace, cfg: Config) -> None:
+    """Write the dataset the stages read, if it is not the user's own VOC: the demo's generated one,
+    or MS COCO 2014 in the VOC layout (``coco14.prepare``, at ``--coco14_root``). Both run every
+    time: the demo's is made again (identical), COCO's finished masks are kept, so after the first
+    run it only checks what is there."""
+    if args.coco_root is not None:
+        Command(coco14_prepare, tuple(flags(coco_root=args.coco_root, out_root=cfg.root,
+                                            num_workers=args.num_workers)), "other").run()
+    elif cfg.demo:
+        from voc12.demo import make_demo_dataset
+
+        make_demo_dataset(cfg.root, num_train=max(16, int(DEMO["num_train"] * args.demo_scale)),
+                          num_val=max(8, int(DEMO["num_val"] * args.demo_scale)), image_size=args.demo_image_size,
+                          seed=args.seed, num_classes=args.demo_classes)
 
 
 def real_seg_config(args: argparse.Namespace, seg_options: dict[str, Any]) -> SegConfig:
@@ -448,6 +585,7 @@ def real_seg_config(args: argparse.Namespace, seg_options: dict[str, Any]) -> Se
 
 
 def make_config(args: argparse.Namespace) -> Config:
+    """The run's configuration, checked; nothing is written yet."""
     out = Path(args.out_dir)
     small_run = {"backbone_width": args.backbone_width, "num_workers": args.num_workers,
                  "batch_size": args.batch_size, "crop_size": args.crop_size,
@@ -458,7 +596,7 @@ def make_config(args: argparse.Namespace) -> Config:
         if args.dataset_classes:
             raise InputError("--coco_root brings its own class list; drop --dataset_classes")
         seg = real_seg_config(args, seg_options)  # refused before the long preparation
-        root = prepare_coco(args)
+        root = Path(args.coco14_root or out / "COCO14")
         return Config(out=out, root=root, classes_file=str(root / coco14_prepare.CLASSES_FILE_NAME), demo=False,
                       weights=args.weights, train_list=args.train_list or str(root / "train.txt"),
                       eval_lists={"train": args.eval_train_list or str(root / "train.txt"),
@@ -477,12 +615,7 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.seg_weights or args.seg_backbone == "resnet101":
         raise InputError("the demo trains DeepLab-v1 on the narrow ResNet-38 from its SB step; --seg_weights and "
                          "--seg_backbone resnet101 are for real data (--voc12_root)")
-    from voc12.demo import make_demo_dataset
-
     root = out / "data"
-    make_demo_dataset(root, num_train=max(16, int(DEMO["num_train"] * args.demo_scale)),
-                      num_val=max(8, int(DEMO["num_val"] * args.demo_scale)), image_size=args.demo_image_size,
-                      seed=args.seed, num_classes=args.demo_classes)
     size = args.demo_image_size
     demo_epochs = {k: max(1, round(DEMO[f"{k}_epoches"] * args.demo_scale)) for k in epochs}
     defaults = {"backbone_width": DEMO["backbone_width"], "num_workers": DEMO["num_workers"],

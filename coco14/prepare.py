@@ -47,7 +47,7 @@ from pycocotools.coco import COCO
 
 from tool.cli import run_main
 from tool.errors import InputError
-from tool.fileio import atomic_path, output_files, save_label_png
+from tool.fileio import atomic_path, held_folders, hold_folder, output_files, save_label_png
 from tool.logutils import progress, setup_logging
 from voc12.classes import IGNORE_INDEX
 from voc12.data import IMG_FOLDER_NAME, LABEL_FILE_NAME, save_image_labels
@@ -252,17 +252,38 @@ def get_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_source_record(path: Path) -> dict[str, str] | None:
+    """``prepare_source.json``: the annotation file's SHA-256 by split ({} before the first run,
+    None when it cannot be read)."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def run(args: argparse.Namespace) -> dict:
     """Write the dataset; return its paths and counts (``images``, ``unlabeled``, ``written``
-    per split)."""
+    per split). ``--out_root`` is held for the run: a second run into it stops."""
     coco_root, out_root = Path(args.coco_root), Path(args.out_root)
     check_layout(coco_root)
     if out_root.resolve() == coco_root.resolve():
         raise InputError("--out_root must differ from --coco_root")
+    with held_folders():
+        hold_folder(out_root)
+        return prepare(args, coco_root, out_root)
+
+
+def prepare(args: argparse.Namespace, coco_root: Path, out_root: Path) -> dict:
+    """:func:`run`'s work, inside its hold of ``out_root``."""
     logger = setup_logging(None)
     mask_dir = out_root / MASK_FOLDER_NAME
     record_path = out_root / SOURCE_RECORD_NAME
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = read_source_record(record_path)
+    unreadable = record is None
+    record = record or {}
     workers = max(0, args.num_workers)
     summary: dict = {"images": {}, "unlabeled": {}, "written": {}}
     labels: dict[str, list[int]] = {}
@@ -295,10 +316,15 @@ def run(args: argparse.Namespace) -> dict:
             del present
 
             finished = _finished_masks(mask_dir, set(names))
+            if finished and split not in record and not unreadable:  # the record comes first: not ours
+                raise InputError(f"{mask_dir} holds {len(finished)} {split} masks this tool did not write "
+                                 f"(first: {min(finished)}.png); choose an empty --out_root")
             if finished and (args.overwrite or record.get(split) != digest):
                 if not args.overwrite:
-                    raise InputError(f"{mask_dir} holds {split} masks made from another {annotation_file.name}; "
-                                     "pass --overwrite to remake them")
+                    raise InputError(f"{record_path} is unreadable (cut short or not a record), so the origin of "
+                                     f"the masks in {mask_dir} is unknown; pass --overwrite to remake them"
+                                     if unreadable else f"{mask_dir} holds {split} masks made from another "
+                                     f"{annotation_file.name}; pass --overwrite to remake them")
                 for name in finished:
                     (mask_dir / f"{name}.png").unlink()
                 finished = set()

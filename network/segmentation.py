@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from network import deeplab_v1_resnet38, deeplab_v2
+from network import deeplab_v1_resnet38, deeplab_v2, resnet38d
 from tool.errors import InputError
 from tool.imutils import Normalize
 
@@ -37,6 +37,11 @@ def load_weights(net: nn.Module, path: str | Path, strict: bool) -> list[str]:
     """Initialise (``strict=False``) or load trained weights (``strict=True``); return the names
     left at their init."""
     if isinstance(net, deeplab_v2.Net):
+        if Path(path).is_file() and resnet38d._is_mxnet_file(Path(path)):
+            use = ("not a trained segmentation network: pass the SESSION_NAME.pth of train_seg.py" if strict else
+                   "which DeepLab-v2 ResNet-101 cannot start from: pass --seg_backbone resnet38 to train "
+                   "DeepLab-v1 on ResNet-38 from them")
+            raise InputError(f"{path} holds ResNet-38's ImageNet weights (MXNet .params), {use}")
         return deeplab_v2.load_weights(net, path, strict=strict)
     kept = deeplab_v1_resnet38.load_weights(net, path)
     if strict and kept:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from tool.fileio import load_img_name_list, load_label_png, output_files, read_i
 from voc12.classes import load_classes
 from voc12.data import load_image_labels
 
+ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL = 10, 7  # 4 hand-made images and 6 / 3 random scenes
 
 
@@ -156,6 +159,32 @@ def one_line_error(capsys, argv: list[str], match: str) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+def test_a_held_out_root_an_unreadable_record_and_masks_it_did_not_write(coco: Path, prepared, tmp_path: Path,
+                                                                         capsys):
+    out, _ = prepared
+    copy = Path(shutil.copytree(out, tmp_path / "COCO14", symlinks=True))
+    argv = ["--coco_root", str(coco), "--out_root", str(copy), "--num_workers", "0"]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from tool.fileio import hold_folder; hold_folder(sys.argv[2]); print(flush=True); "
+                               "time.sleep(60)", str(ROOT), str(copy)], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        one_line_error(capsys, argv, f"{copy} is in use by another run")
+    finally:
+        holder.kill()
+        holder.wait()
+    masks = {p.name: p.read_bytes() for p in output_files(copy / "SegmentationClass", ".png")}
+    record = copy / prepare.SOURCE_RECORD_NAME
+    record.write_text(record.read_text()[:12])
+    one_line_error(capsys, argv, f"{record} is unreadable (cut short or not a record), so the origin of the masks in "
+                                 f"{copy / 'SegmentationClass'} is unknown; pass --overwrite to remake them")
+    record.unlink()  # as if the masks were put there by hand: never deleted, --overwrite or not
+    for extra in ([], ["--overwrite"]):
+        one_line_error(capsys, argv + extra, f"holds {NUM_TRAIN} train masks this tool did not write (first: "
+                                             "COCO_train2014_000000000009.png); choose an empty --out_root")
+    assert {p.name: p.read_bytes() for p in output_files(copy / "SegmentationClass", ".png")} == masks
 
 
 @pytest.mark.parametrize(("breakage", "match"), [

@@ -3,6 +3,7 @@ run, an unchanged rerun, ``--from sb``, a loss edit whose rerun is killed and re
 real-data chain tried small. The tests share one output folder and run in file order."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import run_pipeline
+from tool.fileio import LOCK_NAME, is_valid_scores, load_img_name_list
 from tool.provenance import RECORD_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +120,39 @@ def test_unchanged_rerun_trains_and_infers_nothing(first):
     assert time.monotonic() - tic < 60
 
 
+DAMAGE = {  # what is damaged, how, the stage that made it and the warning's words
+    "rw_png_deleted": ("rw_val/{name}.png", "delete", "infer_aff", "is missing"),
+    "cam_npz_cut": ("cam_val/{name}.npz", "cut", "infer_sb", "changed"),
+    "weights_deleted": ("sb.pth", "delete", "sb", "is missing"),
+    "results_cut": ("results.json", "cut", "eval", "changed"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_rerun_redoes_a_stage_whose_outputs_were_damaged(first, case):
+    """A missing or cut output makes the rerun redo its stage and every stage after it, with a
+    warning naming it, instead of printing the old table as up to date."""
+    out = first["out"]
+    relative, how, stage, words = DAMAGE[case]
+    path = out / relative.format(name=load_img_name_list(out / "data" / "val.txt")[0])
+    if how == "delete":
+        path.unlink()
+    else:
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    result = subprocess.run(command(first["project"], out), cwd=first["project"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: stage {stage}: {path} {words}"), result.stderr
+    assert warnings[0].endswith("; redoing it and every stage after it")
+    stages = list(run_pipeline.STAGES)
+    assert ran(result.stdout) == stages[stages.index(stage):]
+    assert f"[{stage}] running (outputs damaged)" in result.stdout
+    assert path.is_file() and (path.suffix != ".npz" or is_valid_scores(path))
+    assert table(result.stdout) == first["table"]  # training is deterministic: the same outputs again
+
+
 def test_from_sb_retrains_only_from_the_sb_step(first):
     out = first["out"]
     kept = mtimes(out, "round1*") | mtimes(out, "round1_crf_*/*") | mtimes(out, "sb_map/*")
@@ -197,3 +232,56 @@ def test_real_data_chain_runs_small_and_hints_only_its_own_flags(tiny_voc, tmp_p
     assert ran(result.stdout) == list(run_pipeline.STAGES) and "DeepLab + CRF" in result.stdout
     assert re.search(r"\$ python train_seg.py .*--seg_backbone resnet38 --backbone_width 0.125 .*"
                      r"--label_dir \S+rw_train .*--weights \S+narrow.pth", result.stdout)
+
+
+@pytest.mark.timeout(300)
+def test_a_second_run_on_the_same_out_dir_stops_in_one_line(tmp_path):
+    """Two real pipeline runs: the second starts once the first is inside its stages, and stops."""
+    out = tmp_path / "out"
+    first = subprocess.Popen(command(ROOT, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / run_pipeline.STATE_FILE).is_file() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None and (out / run_pipeline.STATE_FILE).is_file()
+        second = subprocess.run(command(ROOT, out), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run ended before the second was refused"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 2 and second.stdout == ""
+    lock = out / LOCK_NAME
+    assert second.stderr.strip().splitlines() == [f"error: {out} is in use by another run (it holds {lock}); wait "
+                                                  "until it ends or choose another folder"]
+
+
+@pytest.mark.parametrize("text", ['{"done": {"round1": "ab', "[]", '{"done": []}', '{"seconds": {"sb": "x"}}'])
+def test_an_unreadable_state_file_vouches_for_no_stage(tmp_path, capsys, text):
+    path = tmp_path / run_pipeline.STATE_FILE
+    path.write_text(text)
+    state = run_pipeline.StageState(path)
+    assert (state.done, state.running, state.seconds, state.outputs) == ({}, {}, {}, {})
+    assert capsys.readouterr().err == (f"warning: {path} is unreadable (cut short or not a state file): every stage "
+                                       "is redone\n")
+
+
+def test_a_stage_without_a_record_of_its_outputs_is_not_vouched_for(tmp_path):
+    """A state file that names a stage done but not its outputs (cut by hand, or an older one):
+    the rerun redoes from that stage."""
+    import train_SB
+
+    weights = tmp_path / "sb.pth"
+    weights.write_bytes(b"weights")
+    stage = run_pipeline.Stage("sb", (run_pipeline.Command(train_SB, ("--session_name", str(tmp_path / "sb")),
+                                                           "train"),))
+    assert stage.outputs() == [weights]
+    state = run_pipeline.StageState(tmp_path / run_pipeline.STATE_FILE)
+    state.finish(stage, "fingerprint", 1.0)
+    assert state.damage(stage) == (None, [])
+    weights.write_bytes(b"Weights")  # same size, another content: hashed since its time changed
+    os.utime(weights, ns=(1, 1))
+    assert state.damage(stage) == (f"{weights} changed (7 bytes, 7 when the stage finished)", [])
+    del state.outputs["sb"]
+    assert state.damage(stage) == (f"{state.path} has no record of its outputs", [])

@@ -175,3 +175,29 @@ def test_command_errors(tmp_path):
         sb_map.run(sb_map.parse_args(command(tmp_path, "--label_dir", str(tmp_path / "png"))))
     with pytest.raises(InputError, match=r"score file not found: .*a\.npz"):
         sb_map.run(sb_map.parse_args(command(tmp_path, "--crf_dir", str(tmp_path / "png"))))
+
+
+def test_released_crf_dicts_are_named_with_what_reads_them(tmp_path):
+    """The released code's pickled CRF dicts are not read here: the one line says what was found
+    and which commands read it."""
+    labels = tiny_tree(tmp_path)
+    (tmp_path / "crf").mkdir()
+    for name, label in labels:
+        half = np.full(label.shape, 0.5, np.float32)
+        np.save(tmp_path / "crf" / f"{name}.npy", {0: half, CAT: half})
+    with pytest.raises(InputError) as e:
+        sb_map.run(sb_map.parse_args(command(tmp_path, "--crf_dir", str(tmp_path / "crf"), "--num_workers", "1")))
+    assert str(e.value) == (f"{tmp_path / 'crf'} holds a.npy, the released code's pickled CRF dict, not a.npz: "
+                            "voc12.sb_map reads the .npz files of infer_SB.py --out_crf (released .npy dicts are "
+                            "read by train_aff.py and evaluation.py with --allow_pickle)")
+
+
+def test_maps_this_tool_did_not_write_are_never_deleted(tmp_path):
+    labels = tiny_tree(tmp_path)
+    for name, label in labels:
+        save_label_png(tmp_path / "png" / f"{name}.png", np.where(label == 255, 0, label))
+    theirs = tmp_path / "sb_map" / "a.npz"
+    save_sb_map(theirs, np.zeros((VOC.num_classes, 4, 4)))
+    with pytest.raises(InputError, match=r"holds 1 .npz files this tool did not write \(first: a.npz\); choose an"):
+        sb_map.run(sb_map.parse_args(command(tmp_path, "--label_dir", str(tmp_path / "png"), "--num_workers", "1")))
+    assert load_sb_map(theirs).shape == (VOC.num_classes, 4, 4)

@@ -17,6 +17,7 @@ import train_seg
 from network import deeplab_v2, segmentation
 from tool import provenance
 from tool.crf import DEEPLAB_CRF, crf_inference
+from tool.errors import InputError
 from tool.fileio import load_label_png
 from tool.losses import balanced_cross_entropy, resize_label, segmentation_loss
 from tool.torchutils import PolyOptimizer
@@ -259,3 +260,20 @@ def test_deeplab_crf_parameters():
     crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=img, compat=4)
     expected = np.array(crf.inference(10)).reshape(3, 20, 24)
     np.testing.assert_allclose(crf_inference(img, probs, t=10, **DEEPLAB_CRF), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mxnet_resnet38_weights_name_the_backbone_that_takes_them(tiny_voc, fixtures_dir, tmp_path, capsys):
+    """train_seg.py's default DeepLab-v2 ResNet-101 given the ImageNet ResNet-38 .params: the one line
+    says whose they are and which --seg_backbone starts from them; infer_seg.py says they are untrained."""
+    params = fixtures_dir / "mxnet_resnet38_subset.params"
+    with pytest.raises(SystemExit) as exit_info:
+        train_seg.main(["--voc12_root", str(tiny_voc), "--dataset_classes", str(tiny_voc / "classes.txt"),
+                        "--train_list", str(tiny_voc / "train.txt"), "--label_dir", str(tiny_voc / "SegmentationClass"),
+                        "--session_name", str(tmp_path / "seg"), "--weights", str(params)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {params} holds ResNet-38's ImageNet weights (MXNet .params), which DeepLab-v2 ResNet-101 cannot "
+        "start from: pass --seg_backbone resnet38 to train DeepLab-v1 on ResNet-38 from them")
+    with pytest.raises(InputError, match=r"MXNet \.params\), not a trained segmentation network: pass the "
+                                         r"SESSION_NAME\.pth of train_seg\.py"):
+        segmentation.load_weights(segmentation.make_net("resnet101", 21), params, strict=True)

@@ -153,6 +153,15 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def main_rank_flag(flag: bool, info: DistInfo) -> bool:
+    """Rank 0's ``flag`` on every rank (every rank must call it; the others' values are ignored)."""
+    if not info.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.broadcast(value, src=0)
+    return bool(value.item() == 1.0)
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     """The mean of ``value`` over all ranks (for logging; every rank must call it)."""
     if not info.distributed:

@@ -8,12 +8,18 @@ only when the caller passes ``allow_pickle=True``.
 
 The other formats: images (:func:`read_image`), label PNGs in the VOC palette, image lists and
 semantic boundary maps (``NAME.npz`` holding ``sb_map`` as uint8, ``round(255 * value)``).
+
+A run that writes into a folder holds the folder's lock (:func:`hold_folder`), so that two runs
+never fill one folder at the same time.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -29,6 +35,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SB_MAP_KEY = "sb_map"
 # What np.load raises on a missing key, a truncated, corrupt or foreign .npy/.npz file.
 ARRAY_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+# The lock file of a folder that a run writes into (hidden, so never taken for an output).
+LOCK_NAME = ".lock"
+# atomic_path's temporary of NAME: ``.NAME.XXXXXXXX.tmpSUFFIX`` (mkstemp's random characters).
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]+\.tmp(\.[^.]*)?")
 
 
 def _umask() -> int:
@@ -54,6 +64,54 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_target(name: str) -> str | None:
+    """The file name whose :func:`atomic_path` temporary ``name`` is (one a killed write left), or None."""
+    match = _TEMPORARY.fullmatch(name)
+    return match.group(1) if match and match.group(1).endswith(match.group(2) or "") else None
+
+
+# Folders this process holds locked, by scope: the process's own (never closed) and one per open
+# held_folders() block, innermost last.
+_held: list[dict[Path, int]] = [{}]
+
+
+@contextlib.contextmanager
+def held_folders() -> Iterator[None]:
+    """Folders locked inside the block (:func:`hold_folder`) are released when it ends: a command
+    holds its output folders for its whole run, and a process that runs commands one after
+    another (run_pipeline.py, tests) lets each go when it is done."""
+    _held.append({})
+    try:
+        yield
+    finally:
+        for fd in _held.pop().values():
+            os.close(fd)
+
+
+def hold_folder(folder: str | Path) -> None:
+    """Lock ``folder`` (made if missing) for this process until the innermost :func:`held_folders`
+    block ends (outside one, until the process ends); raise InputError if another process holds it.
+
+    A POSIX lock on ``FOLDER/.lock``, taken without waiting: the kernel drops it when its process
+    ends in any way (SIGKILL too), so a killed run never leaves a stale lock, and the worker
+    processes the holder forks do not inherit it, so an orphaned worker cannot keep it either.
+    """
+    key = Path(folder).resolve()
+    if any(key in scope for scope in _held):
+        return  # already ours: a second claim in the same run (closing another fd would drop the lock)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_umask())
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise InputError(f"{folder} is in use by another run (it holds {Path(folder) / LOCK_NAME}); "
+                             "wait until it ends or choose another folder") from None
+        raise
+    _held[-1][key] = fd
 
 
 def output_files(folder: str | Path, suffix: str) -> list[Path]:

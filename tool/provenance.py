@@ -3,22 +3,29 @@ the current command would write.
 
 Every folder an inference command fills holds a record, ``.provenance.json``: the content hash
 (sha256) of the weights, a hash of the project source the command runs (its script and every
-project module it imports), and the flags that change the numbers. A command claims its folders
-before its first image (:func:`claim_outputs`):
+project module it imports), and the flags that change the numbers. Beside it,
+``.provenance.names`` lists the files the record vouches for: every output name a run claiming the
+folder was going to write, listed before its first write. A command claims its folders before
+its first image (:func:`claim_outputs`) and holds them (``tool.fileio.hold_folder``) until it
+ends, so a second run into the same folder stops with one line instead of mixing its files in:
 
 - the record matches: finished images are skipped, so a killed run resumes;
 - the folder holds no outputs yet: the record is written and the command starts;
-- the record differs (or is missing beside old outputs): a one-line error that names
-  ``--overwrite``; with ``--overwrite`` (or ``--overwrite stale``) the old outputs are deleted
-  and the record rewritten, so a folder never mixes files of two origins, even when the
-  overwriting run is killed in its turn.
+- the record differs (or is missing or unreadable beside old outputs): a one-line error that
+  names ``--overwrite``; with ``--overwrite`` (or ``--overwrite stale``) the old outputs are
+  deleted and the record rewritten, so a folder never mixes files of two origins, even when the
+  overwriting run is killed in its turn;
+- the folder holds output files that no list names (a copy of ground truth, files of another
+  tool): a one-line refusal, ``--overwrite`` or not. Only files a list names are ever deleted.
+  (A record written before the lists existed vouches for its folder's outputs, as it did then.)
 
 ``--overwrite`` (``all``) also redoes the images of a matching record; ``--overwrite stale`` keeps
-them (what run_pipeline uses to resume a stage). Usage in a new inference script::
+them (what run_pipeline uses to resume a stage). Usage in a new inference script, whose ``run``
+holds the claimed folders for its whole run (``with tool.fileio.held_folders():``)::
 
     record = provenance.describe(__file__, weights=args.weights, flags={"scale": args.scale})
     skip_finished = provenance.claim_outputs(args.out_dir, record, overwrite=args.overwrite, suffix=".png",
-                                             info=info)
+                                             names=names, info=info)
     todo = [name for name in names if not (skip_finished and output_exists(name))]
 """
 from __future__ import annotations
@@ -26,16 +33,18 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tool.distributed import DistInfo, barrier
+from tool.distributed import DistInfo, barrier, main_rank_flag
 from tool.errors import InputError
-from tool.fileio import atomic_path, output_files
+from tool.fileio import atomic_path, hold_folder, temporary_target
 
 RECORD_NAME = ".provenance.json"
+NAMES_NAME = ".provenance.names"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _CHUNK = 1024 * 1024
 
@@ -135,38 +144,116 @@ def describe(script: str | Path, weights: str | Path | None = None, flags: dict[
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:
+    """A folder's record: None when it has none, ``{}`` when it cannot be read (cut short, not
+    JSON, not a JSON object), which matches no record."""
     path = Path(folder) / RECORD_NAME
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {}  # unreadable: matches nothing
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_names(folder: str | Path) -> set[str] | None:
+    """The output file names a folder's record vouches for, or None when it has no list."""
+    try:
+        text = (Path(folder) / NAMES_NAME).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    return {line for line in text.splitlines() if line}
+
+
+def _visible_files(folder: Path) -> set[str]:
+    """Names of the files in ``folder``, hidden ones (records, locks, temporaries) left out."""
+    if not folder.is_dir():
+        return set()
+    with os.scandir(folder) as entries:
+        return {e.name for e in entries if not e.name.startswith(".") and e.is_file()}
+
+
+def _hold(folder: Path, info: DistInfo | None) -> None:
+    """Lock ``folder`` for this run: rank 0 holds it for all ranks under torchrun."""
+    if info is None or not info.distributed:
+        hold_folder(folder)
+        return
+    refused = None
+    if info.is_main:
+        try:
+            hold_folder(folder)
+        except InputError as e:
+            refused = e
+    if not main_rank_flag(refused is None, info):
+        raise refused or InputError(f"{folder} is in use by another run")
+
+
+def _origin(record: dict[str, Any]) -> str:
+    """Whose outputs a record describes: ``cam outputs of infer_SB``."""
+    kind = f"{record['output']} " if record.get("output") else ""
+    return f"{kind}outputs of {record['script']}"
+
+
+def _mismatch(folder: Path, old: dict[str, Any] | None, record: dict[str, Any], count: int) -> str:
+    """The one line refusing to replace ``count`` outputs made under ``old``."""
+    if old is None:
+        return f"{folder} holds outputs with no record of what made them; pass --overwrite to redo them"
+    if not old:
+        return (f"{folder / RECORD_NAME} is unreadable (cut short or not a record), so what made the {count} "
+                "outputs there is unknown; pass --overwrite to redo them")
+    if "script" in old and "script" in record and _origin(old) != _origin(record):
+        return (f"{folder} holds {count} {_origin(old)}, not {_origin(record)}; choose another folder, "
+                "or pass --overwrite to delete them")
+    changed = sorted(k for k in record.keys() | old.keys() if old.get(k) != record.get(k))
+    return f"{folder} holds outputs with other {', '.join(changed)}; pass --overwrite to redo them"
 
 
 def claim_outputs(folder: str | Path, record: dict[str, Any], *, overwrite: str | None, suffix: str,
-                  info: DistInfo | None = None) -> bool:
-    """Make ``folder`` (outputs ``*suffix``) the home of outputs described by ``record``; see the
-    module docstring. ``overwrite``: None, ``"all"`` or ``"stale"`` (``--overwrite``). Return
-    whether the outputs already there may be kept (skipped). Under torchrun every rank calls it;
-    rank 0 writes."""
+                  names: Iterable[str], info: DistInfo | None = None) -> bool:
+    """Make ``folder`` the home of the outputs ``NAME{suffix}`` (for ``names``, this run's whole
+    list) described by ``record``; see the module docstring. ``overwrite``: None, ``"all"`` or
+    ``"stale"`` (``--overwrite``). Return whether the outputs already there may be kept
+    (skipped). The folder stays locked until the innermost ``held_folders()`` block ends. Under
+    torchrun every rank calls it; rank 0 locks and writes."""
     folder = Path(folder)
+    _hold(folder, info)
     old = read_record(folder)
+    present = _visible_files(folder)
+    vouched = read_names(folder)
+    if vouched is None:
+        vouched = {n for n in present if n.endswith(suffix)} if old is not None else set()
+    foreign = sorted(n for n in present if n.endswith(suffix) and n not in vouched)
+    if foreign:
+        raise InputError(f"{folder} holds {len(foreign)} {suffix} files this tool did not write "
+                         f"(first: {foreign[0]}); choose an empty folder")
+    ours = present & vouched
+    wanted = {f"{name}{suffix}" for name in names}
     if old == record:
+        if not wanted <= vouched:  # this run may write names no list has named yet: list them first
+            _write_after_barrier(folder, info, names=vouched | wanted)
         return overwrite != "all"
-    if not overwrite and output_files(folder, suffix):
-        changed = sorted(k for k in record.keys() | (old or {}).keys() if (old or {}).get(k) != record.get(k))
-        what = "no record of what made them" if old is None else f"other {', '.join(changed)}"
-        raise InputError(f"{folder} holds outputs with {what}; pass --overwrite to redo them")
-    if info is not None:
-        barrier(info)  # every rank has read the old record before rank 0 replaces it
-    if info is None or info.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        # The outputs, and the temporaries that killed writes left beside them (no rank writes now).
-        for path in folder.glob(f"*{suffix}"):
-            path.unlink()
-        with atomic_path(folder / RECORD_NAME) as tmp:
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    if ours and not overwrite:
+        raise InputError(_mismatch(folder, old, record, len(ours)))
+    # The outputs, and the temporaries that killed writes left beside them (no rank writes now).
+    doomed = ours | {n for n in os.listdir(folder) if temporary_target(n) in vouched}
+    _write_after_barrier(folder, info, names=wanted, record=record, doomed=doomed)
+    return True  # nothing of another origin is left
+
+
+def _write_after_barrier(folder: Path, info: DistInfo | None, *, names: set[str], record: dict | None = None,
+                         doomed: Iterable[str] = ()) -> None:
+    """Rank 0 deletes ``doomed``, then writes the list of ``names`` and the record (in this order,
+    so that a killed claim never leaves a record whose list lacks a file it vouches for), once
+    every rank has read the folder; every rank returns when it is done."""
     if info is not None:
         barrier(info)
-    return True  # nothing of another origin is left
+    if info is None or info.is_main:
+        for name in doomed:
+            (folder / name).unlink(missing_ok=True)
+        with atomic_path(folder / NAMES_NAME) as tmp:
+            tmp.write_text("".join(f"{name}\n" for name in sorted(names)))
+        if record is not None:
+            with atomic_path(folder / RECORD_NAME) as tmp:
+                tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    if info is not None:
+        barrier(info)

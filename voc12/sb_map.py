@@ -27,7 +27,7 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tool import provenance
 from tool.cli import run_main
 from tool.errors import InputError
-from tool.fileio import image_size, load_img_name_list, load_label_png, load_scores, save_sb_map
+from tool.fileio import held_folders, image_size, load_img_name_list, load_label_png, load_scores, save_sb_map
 from voc12.classes import IGNORE_INDEX, load_classes
 from voc12.data import image_path
 
@@ -113,10 +113,22 @@ def without_sbd_gaps(names: list[str], sbd_dir: Path, fallback_crf_dir: str | No
     return [n for n in names if n not in skipped]
 
 
+def crf_file(folder: str | Path, name: str) -> Path:
+    """``NAME.npz`` of a CRF folder; the released code's pickled ``NAME.npy`` in its place is refused
+    in one line that says what reads it."""
+    path = Path(folder) / f"{name}.npz"
+    released = path.with_suffix(".npy")
+    if not path.is_file() and released.is_file():
+        raise InputError(f"{folder} holds {released.name}, the released code's pickled CRF dict, not "
+                         f"{path.name}: voc12.sb_map reads the .npz files of infer_SB.py --out_crf (released "
+                         ".npy dicts are read by train_aff.py and evaluation.py with --allow_pickle)")
+    return path
+
+
 def make_one(name: str, args: argparse.Namespace, num_classes: int, out_dir: Path) -> None:
     """Compute, check and write the boundary map of one image."""
     if args.crf_dir:
-        path = Path(args.crf_dir) / f"{name}.npz"
+        path = crf_file(args.crf_dir, name)
         labels, scores = load_scores(path)
         source = labels[np.argmax(scores, axis=0)]
     elif args.label_dir:
@@ -126,7 +138,7 @@ def make_one(name: str, args: argparse.Namespace, num_classes: int, out_dir: Pat
         path = sbd_dataset_dir(args.sbd_upper_bound) / "cls" / f"{name}.mat"
         source = None
         if not path.is_file() and args.fallback_crf_dir:
-            path = Path(args.fallback_crf_dir) / f"{name}.npz"
+            path = crf_file(args.fallback_crf_dir, name)
             labels, scores = load_scores(path)
             source = labels[np.argmax(scores, axis=0)]
     if source is not None:
@@ -167,8 +179,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Write one boundary map per listed image; return the output folder."""
+    """Write one boundary map per listed image; return the output folder (held for the run)."""
+    with held_folders():
+        return make_maps(args)
 
+
+def make_maps(args: argparse.Namespace) -> Path:
+    """:func:`run`'s work, inside its hold of the output folder."""
     if not Path(args.voc12_root).is_dir():
         raise InputError(f"VOC2012 folder not found: {args.voc12_root}")
     try:
@@ -190,7 +207,7 @@ def run(args: argparse.Namespace) -> Path:
         "kind": "crf" if args.crf_dir else "label" if args.label_dir else "sbd", "width": args.width,
         "sigma": args.sigma, "voc12_root": str(Path(args.voc12_root).resolve()),
         "fallback_crf": args.fallback_crf_dir and provenance.folder_digest(args.fallback_crf_dir)})
-    provenance.claim_outputs(out_dir, record, overwrite="all", suffix=".npz")
+    provenance.claim_outputs(out_dir, record, overwrite="all", suffix=".npz", names=names)
     work = partial(make_one, args=args, num_classes=classes.num_classes, out_dir=out_dir)
     if args.num_workers > 1 and len(names) > 1:
         with ProcessPoolExecutor(max_workers=args.num_workers) as pool:
