@@ -42,6 +42,7 @@ from tool.iou import (
     iou_from_confusion,
     joint_histogram,
 )
+from tool.workers import die_with_parent
 from voc12.classes import BACKGROUND, IGNORE_INDEX, VOC, load_classes
 
 CURVE_THRESHOLDS = tuple(i / 100 for i in range(60))  # the released curve: t = 0.00 .. 0.59
@@ -171,7 +172,7 @@ def evaluate_confusions(predict_dir: str | Path, gt_dir: str | Path, names: Sequ
     else:
         size = -(-len(names) // (workers * CHUNKS_PER_WORKER))
         chunks = [names[i:i + size] for i in range(0, len(names), size)]
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             results = list(pool.map(count, chunks))
         fixed = sum(r[0] for r in results)
         histogram = sum(r[1] for r in results)

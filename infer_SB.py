@@ -25,10 +25,11 @@ from network.resnet38d import load_weights
 from tool import provenance
 from tool.cli import add_data_args, add_infer_args, add_model_args, add_sb_model_args, run_main
 from tool.crf import crf_with_alpha
-from tool.distributed import DistInfo, die_with_parent, distributed_session, memory_format, shard
+from tool.distributed import DistInfo, distributed_session, memory_format, shard
 from tool.errors import InputError
 from tool.fileio import is_valid_scores, save_label_png, save_scores
 from tool.logutils import progress, setup_logging
+from tool.workers import WorkerLoader, die_with_parent
 from voc12.classes import load_classes
 from voc12.data import VOC12ClsDatasetMSF, default_label_file, first_item
 
@@ -136,8 +137,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
     todo = [i for i in shard(list(range(len(dataset))), info)
             if not (skip_finished and outputs_done(dataset.names[i], args))]
     logger.info("%d of %d images to infer on rank %d", len(todo), len(dataset), info.rank)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=1,
-                                         collate_fn=first_item, num_workers=args.num_workers)
+    loader = WorkerLoader(torch.utils.data.Subset(dataset, todo), batch_size=1, collate_fn=first_item,
+                          num_workers=args.num_workers)
     pending: list[tuple[str, Future]] = []
     with ProcessPoolExecutor(max_workers=max(args.crf_workers, 1), initializer=die_with_parent,
                              initargs=(os.getpid(),)) as pool:

@@ -49,6 +49,7 @@ from tool.cli import run_main
 from tool.errors import InputError
 from tool.fileio import atomic_path, output_files, save_label_png
 from tool.logutils import progress, setup_logging
+from tool.workers import die_with_parent
 from voc12.classes import IGNORE_INDEX
 from voc12.data import IMG_FOLDER_NAME, LABEL_FILE_NAME, save_image_labels
 from voc12.make_lists import SPLIT_FOLDER, write_list
@@ -268,7 +269,8 @@ def run(args: argparse.Namespace) -> dict:
     labels: dict[str, list[int]] = {}
     names_of: dict[str, list[str]] = {}
     classes: list[str] | None = None
-    with ProcessPoolExecutor(workers) if workers else contextlib.nullcontext() as pool:
+    with (ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) if workers
+          else contextlib.nullcontext()) as pool:
         if pool is not None:
             pool.submit(int).result()  # start (fork) the workers now, before the index fills this process
         for split in SPLITS:

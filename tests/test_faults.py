@@ -113,7 +113,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, sys, time
     from concurrent.futures import ProcessPoolExecutor
     sys.path.insert(0, sys.argv[1])
-    from tool.distributed import die_with_parent
+    from tool.workers import die_with_parent
     pool = ProcessPoolExecutor(2, initializer=die_with_parent, initargs=(os.getpid(),))
     pids = {pool.submit(os.getpid).result() for _ in range(4)}
     print(" ".join(map(str, sorted(pids))), flush=True)
