@@ -75,8 +75,8 @@ def multiscale_cam(model: torch.nn.Module, imgs: list[torch.Tensor], label: torc
                    layout: torch.memory_format = torch.contiguous_format) -> np.ndarray:
     """Sum of the foreground cam_rv over scales and flips, ReLU, per-class min-max normalised
     (the released formula), times the image label, for the classes present in the label only
-    (:func:`present_classes`; an absent one would be -1 everywhere, below any background score):
-    ``(num_present, H, W)`` float32.
+    (:func:`present_classes`; an absent one would be -1 everywhere, below a background score in
+    [0, 1]): ``(num_present, H, W)`` float32.
 
     Up to ``UPSAMPLE_ELEMENTS`` (classes x pixels) every class is upsampled to the image, as
     released: torch's CPU kernel rounds a channel differently with another channel count, and so
