@@ -54,6 +54,7 @@ from tool.iou import (
     joint_histogram,
     precision_recall_from_confusion,
 )
+from tool.workers import die_with_parent
 from voc12.classes import BACKGROUND, IGNORE_INDEX, VOC, load_classes
 
 CURVE_THRESHOLDS = tuple(i / 100 for i in range(60))  # the released curve: t = 0.00 .. 0.59
@@ -240,7 +241,7 @@ def evaluate_counts(predict_dir: str | Path, gt_dir: str | Path, names: Sequence
     else:
         size = -(-len(names) // (workers * CHUNKS_PER_WORKER))
         chunks = [names[i:i + size] for i in range(0, len(names), size)]
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             fixed, histogram, trimap, boundary = (sum(parts) for parts in zip(*pool.map(count, chunks), strict=True))
     confusions = fixed[None] + curve_confusions(histogram) if thresholds else fixed[None]
     return Counts(confusions, trimap, boundary)

@@ -25,15 +25,18 @@ from network.resnet38d import load_weights
 from tool import provenance
 from tool.cli import add_data_args, add_infer_args, add_model_args, add_sb_model_args, run_main
 from tool.crf import crf_with_alpha
-from tool.distributed import DistInfo, die_with_parent, distributed_session, memory_format, shard
+from tool.distributed import DistInfo, distributed_session, memory_format, shard
 from tool.errors import InputError
 from tool.fileio import held_folders, is_valid_scores, save_label_png, save_scores
 from tool.logutils import progress, setup_logging
+from tool.workers import WorkerLoader, die_with_parent
 from voc12.classes import load_classes
 from voc12.data import VOC12ClsDatasetMSF, default_label_file, first_item
 
 CRF_ALPHAS = (4, 24)
 SCALES = (0.5, 1.0, 1.5, 2.0)
+MAX_SIDE = 1280  # the scale-2.0 view of COCO's largest images (640)
+UPSAMPLE_ELEMENTS = 1 << 26  # classes x pixels up to which every class is upsampled (COCO's 80 x 640 x 640)
 
 
 def get_arg_parser() -> argparse.ArgumentParser:
@@ -53,9 +56,11 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crf_alphas", default=list(CRF_ALPHAS), type=float, nargs="+",
                         help="background powers of the CRF outputs (low and high): background (1 - max CAM)^alpha")
     parser.add_argument("--crf_workers", default=2, type=int, help="processes running the dense CRF")
-    parser.add_argument("--max_side", default=1024, type=int,
-                        help="longer side the network sees at most (CAMs come back at full size; VOC's are"
-                             " at most 500); 0: no limit, the released behaviour, whose memory grows with the image")
+    parser.add_argument("--max_side", default=MAX_SIDE, type=int,
+                        help="longer side of the largest view (scale 2.0) the network sees; a larger image is"
+                             " shrunk for the network only, CAMs come back at full size (VOC's images, at most"
+                             " 500, and COCO's, at most 640, are not); 0: no limit, the released behaviour,"
+                             " whose memory grows with the image")
     return parser
 
 
@@ -69,19 +74,36 @@ def multiscale_cam(model: torch.nn.Module, imgs: list[torch.Tensor], label: torc
                    size: tuple[int, int], device: torch.device,
                    layout: torch.memory_format = torch.contiguous_format) -> np.ndarray:
     """Sum of the foreground cam_rv over scales and flips, ReLU, per-class min-max normalised
-    (the released formula), times the image label: ``(num_fg, H, W)`` float32."""
-    total = torch.zeros((label.numel(), *size), device=device)
+    (the released formula), times the image label, for the classes present in the label only
+    (:func:`present_classes`; an absent one would be -1 everywhere, below a background score in
+    [0, 1]): ``(num_present, H, W)`` float32.
+
+    Up to ``UPSAMPLE_ELEMENTS`` (classes x pixels) every class is upsampled to the image, as
+    released: torch's CPU kernel rounds a channel differently with another channel count, and so
+    VOC's numbers stay bit for bit what they were. A larger image upsamples its present classes only."""
+    present = present_classes(label)
+    every = label.numel() * size[0] * size[1] <= UPSAMPLE_ELEMENTS
+    channels = slice(1, None) if every else torch.from_numpy(present + 1).to(device)
+    total = torch.zeros((label.numel() if every else len(present), *size), device=device)
     for i in range(0, len(imgs), 2):
         # A scale and its flip go through the network as one batch of two.
         batch = torch.stack([imgs[i], imgs[i + 1]]).to(device, memory_format=layout)
-        cam = F.interpolate(model(batch, with_edge=False).cam_rv[:, 1:], size, mode="bilinear", align_corners=False)
+        cam_rv = model(batch, with_edge=False).cam_rv
+        cam = F.interpolate(cam_rv[:, channels], size, mode="bilinear", align_corners=False)
         total += cam[0] + cam[1].flip(-1)
-    total = (total * label.to(device).view(-1, 1, 1)).cpu().numpy()
+    if every:
+        total = total[present]
+    total = (total * label[present].to(device).view(-1, 1, 1)).cpu().numpy()
     total[total < 0] = 0
     cam_max = total.max(axis=(1, 2), keepdims=True)
     cam_min = total.min(axis=(1, 2), keepdims=True)
     total[total < cam_min + 1e-5] = 0
     return ((total - cam_min - 1e-5) / (cam_max - cam_min + 1e-5)).astype(np.float32)
+
+
+def present_classes(label: torch.Tensor) -> np.ndarray:
+    """Indices (0-based foreground) of the classes an image-level label holds."""
+    return np.nonzero(label.numpy() > 1e-5)[0]
 
 
 def crf_outputs(img: np.ndarray, labels: np.ndarray, cams: np.ndarray,
@@ -105,7 +127,7 @@ def output_folders(args: argparse.Namespace, use_amp: bool) -> dict[Path, tuple[
     label_file = args.label_file or default_label_file(args.infer_list)
     base = provenance.describe(__file__, weights=args.weights, inputs=[label_file, args.dataset_classes], flags={
         "backbone_width": args.backbone_width, "canny_on_rgb": args.canny_on_rgb, "scales": SCALES,
-        "amp": use_amp, "voc12_root": str(Path(args.voc12_root).resolve())})
+        "amp": use_amp, "max_side": args.max_side, "voc12_root": str(Path(args.voc12_root).resolve())})
     folders = {}
     if args.out_cam:
         folders[Path(args.out_cam)] = ({**base, "output": "cam"}, ".npz")
@@ -137,24 +159,22 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
     todo = [i for i in shard(list(range(len(dataset))), info)
             if not (skip_finished and outputs_done(dataset.names[i], args))]
     logger.info("%d of %d images to infer on rank %d", len(todo), len(dataset), info.rank)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=1,
-                                         collate_fn=first_item, num_workers=args.num_workers)
+    loader = WorkerLoader(torch.utils.data.Subset(dataset, todo), batch_size=1, collate_fn=first_item,
+                          num_workers=args.num_workers)
     pending: list[tuple[str, Future]] = []
     with ProcessPoolExecutor(max_workers=max(args.crf_workers, 1), initializer=die_with_parent,
                              initargs=(os.getpid(),)) as pool:
         for pack in progress(loader, info, desc="infer_SB"):
             name = pack["name"]
             with torch.autocast("cuda", enabled=use_amp):
-                norm_cam = multiscale_cam(model, pack["img"], pack["label"], tuple(pack["size"]), info.device,
-                                          layout)
-            present = np.nonzero(pack["label"].numpy() > 1e-5)[0]
-            labels, cams = present + 1, norm_cam[present]
+                cams = multiscale_cam(model, pack["img"], pack["label"], tuple(pack["size"]), info.device, layout)
+            labels = present_classes(pack["label"]) + 1
             if args.out_cam:
                 save_scores(Path(args.out_cam) / f"{name}.npz", labels, cams)
             if args.out_cam_pred:
-                bg = np.full((1, *norm_cam.shape[1:]), args.out_cam_pred_alpha, np.float32)
+                bg = np.full((1, *cams.shape[1:]), args.out_cam_pred_alpha, np.float32)
                 save_label_png(Path(args.out_cam_pred) / f"{name}.png",
-                               np.argmax(np.concatenate([bg, norm_cam]), 0))
+                               np.concatenate([[0], labels])[np.argmax(np.concatenate([bg, cams]), 0)])
             if args.out_crf:
                 pending.append((name, pool.submit(crf_outputs, pack["orig"], labels, cams, args.crf_alphas)))
             while pending and (pending[0][1].done() or len(pending) > 4 * max(args.crf_workers, 1)):

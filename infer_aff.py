@@ -27,6 +27,7 @@ from tool.errors import InputError
 from tool.fileio import find_array_file, held_folders, load_scores, save_label_png
 from tool.logutils import progress, setup_logging
 from tool.randomwalk import propagate
+from tool.workers import WorkerLoader
 from voc12.classes import load_classes
 from voc12.data import VOC12ImageDataset, first_item
 
@@ -98,8 +99,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> None:
     todo = [i for i in shard(list(range(len(dataset))), info)
             if not (skip_finished and (out_dir / f"{dataset.names[i]}.png").is_file())]
     logger.info("%d of %d images to walk on rank %d", len(todo), len(dataset), info.rank)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=1,
-                                         collate_fn=first_item, num_workers=args.num_workers)
+    loader = WorkerLoader(torch.utils.data.Subset(dataset, todo), batch_size=1, collate_fn=first_item,
+                          num_workers=args.num_workers)
     for pack in progress(loader, info, desc="infer_aff"):
         name, img = pack["name"], pack["img"]
         h, w = img.shape[-2:]

@@ -33,10 +33,11 @@ from network.deeplab_v2 import caffe_input
 from tool import imutils, provenance
 from tool.cli import add_data_args, add_infer_args, add_model_args, add_seg_model_args, run_main, str2bool
 from tool.crf import DEEPLAB_CRF, crf_inference
-from tool.distributed import DistInfo, die_with_parent, distributed_session, memory_format, shard
+from tool.distributed import DistInfo, distributed_session, memory_format, shard
 from tool.errors import InputError
 from tool.fileio import atomic_path, held_folders, save_label_png
 from tool.logutils import progress, setup_logging
+from tool.workers import WorkerLoader, die_with_parent
 from voc12.classes import load_classes
 from voc12.data import VOC12ImageDataset, first_item
 
@@ -158,8 +159,8 @@ def infer(args: argparse.Namespace, info: DistInfo) -> Path | None:
     todo = [i for i in shard(list(range(len(dataset))), info)
             if not (skip_finished and outputs_done(dataset.names[i], args))]
     logger.info("%d of %d images to infer on rank %d", len(todo), len(dataset), info.rank)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=1,
-                                         collate_fn=first_item, num_workers=args.num_workers)
+    loader = WorkerLoader(torch.utils.data.Subset(dataset, todo), batch_size=1, collate_fn=first_item,
+                          num_workers=args.num_workers)
     out = pred_dir(args)
     pending: list[tuple[str, Future]] = []
     kind = crf_image_kind(args)

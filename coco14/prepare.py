@@ -15,6 +15,14 @@ Reads the official layout (``COCO/train2014/*.jpg``, ``COCO/val2014/*.jpg``,
   at least one non-crowd object, as ``voc12.make_lists`` writes them. Images without one (no
   annotation, or crowd regions only) stay out of these lists; their number is logged.
 
+An annotation whose segmentation pycocotools cannot read is skipped with a warning naming it and
+its image, and the skipped ones are counted in the log: an empty segmentation, a polygon of an odd
+number of coordinates, of fewer than 3 points (pycocotools takes one of 4 numbers for a box), of
+values that are not finite numbers or lie farther outside the image than its size (pycocotools'
+memory grows with the distance), an RLE without ``counts`` or ``size``. The image-level labels are
+those of the instances in the mask: an image keeps a class only if one of its readable non-crowd
+instances has it.
+
 Overlaps: crowd regions are painted 255 first, then the non-crowd instances over them, larger
 before smaller, so a smaller object lies on top of a larger one it overlaps (a cup on a table, a
 person on a sofa); instances of equal area go in annotation order, the later on top. An
@@ -33,7 +41,9 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
@@ -49,6 +59,7 @@ from tool.cli import run_main
 from tool.errors import InputError
 from tool.fileio import atomic_path, held_folders, hold_folder, output_files, save_label_png
 from tool.logutils import progress, setup_logging
+from tool.workers import die_with_parent
 from voc12.classes import IGNORE_INDEX
 from voc12.data import IMG_FOLDER_NAME, LABEL_FILE_NAME, save_image_labels
 from voc12.make_lists import SPLIT_FOLDER, write_list
@@ -62,6 +73,7 @@ IMAGE_KEYS = frozenset({"id", "file_name", "height", "width"})
 ANNOTATION_KEYS = frozenset({"image_id", "category_id", "segmentation", "iscrowd"})
 CHUNK_SIZE = 32  # images per task: large enough to amortise the transfer, small for a smooth bar
 CHUNKS_IN_FLIGHT_PER_WORKER = 4  # bounds the annotations queued for the workers
+WARNINGS_PER_SPLIT = 20  # skipped annotations named one by one; the log counts them all
 
 # One annotation as a worker needs it: (segmentation, label 1..K, crowd).
 Instance = tuple[Any, int, bool]
@@ -131,6 +143,30 @@ def class_names(coco: COCO) -> list[str]:
 
 def image_name(image: dict) -> str:
     return Path(image["file_name"]).stem
+
+
+def unreadable(segmentation: Any, height: int, width: int) -> str | None:
+    """Why pycocotools cannot read ``segmentation`` (see the module docstring), or None if it can."""
+    if isinstance(segmentation, dict):
+        return None if {"counts", "size"} <= segmentation.keys() else "an RLE without 'counts' and 'size'"
+    if not isinstance(segmentation, list):
+        return f"a segmentation that is a {type(segmentation).__name__}, neither polygons nor an RLE"
+    if not segmentation:
+        return "an empty segmentation"
+    for polygon in segmentation:
+        if not (isinstance(polygon, list) and all(isinstance(v, (int, float)) for v in polygon)):
+            return "a polygon that is not a list of numbers"
+        if len(polygon) % 2:
+            return f"a polygon of {len(polygon)} numbers, an odd count"
+        if len(polygon) < 6:
+            box = ": pycocotools would take it for a box" if len(polygon) == 4 else ""
+            return f"a polygon of fewer than 3 points ({len(polygon)} numbers{box})"
+        if not all(math.isfinite(v) for v in polygon):
+            return "a polygon with a coordinate that is not finite"
+        xs, ys = polygon[0::2], polygon[1::2]
+        if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+            return "a polygon farther outside the image than its size"
+    return None
 
 
 def instance_rle(segmentation: Any, height: int, width: int) -> dict:
@@ -221,15 +257,20 @@ def link_images(image_dir: Path, file_names: list[str], link_dir: Path) -> int:
     return made
 
 
-def _instances(coco: COCO, image_id: int, label_of: dict[int, int]) -> list[Instance]:
-    instances = []
-    for ann in coco.imgToAnns.get(image_id, []):
+def _instances(coco: COCO, image: dict, label_of: dict[int, int]) -> tuple[list[Instance], list[str]]:
+    """The image's readable instances, and a warning for each annotation skipped."""
+    instances, skipped = [], []
+    for ann in coco.imgToAnns.get(image["id"], []):
         label = label_of.get(ann["category_id"])
         if label is None:
             raise InputError(f"annotation {ann.get('id')} has category {ann['category_id']}, "
                              "which 'categories' does not name")
-        instances.append((ann["segmentation"], label, bool(ann["iscrowd"])))
-    return instances
+        problem = unreadable(ann["segmentation"], int(image["height"]), int(image["width"]))
+        if problem is None:
+            instances.append((ann["segmentation"], label, bool(ann["iscrowd"])))
+        else:
+            skipped.append(f"annotation {ann.get('id')} of {image_name(image)}: {problem}")
+    return instances, skipped
 
 
 def _finished_masks(mask_dir: Path, names: set[str]) -> set[str]:
@@ -265,8 +306,8 @@ def read_source_record(path: Path) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Write the dataset; return its paths and counts (``images``, ``unlabeled``, ``written``
-    per split). ``--out_root`` is held for the run: a second run into it stops."""
+    """Write the dataset; return its paths and counts (``images``, ``unlabeled``, ``written``,
+    ``skipped`` annotations per split). ``--out_root`` is held for the run: a second run into it stops."""
     coco_root, out_root = Path(args.coco_root), Path(args.out_root)
     check_layout(coco_root)
     if out_root.resolve() == coco_root.resolve():
@@ -285,11 +326,12 @@ def prepare(args: argparse.Namespace, coco_root: Path, out_root: Path) -> dict:
     unreadable = record is None
     record = record or {}
     workers = max(0, args.num_workers)
-    summary: dict = {"images": {}, "unlabeled": {}, "written": {}}
+    summary: dict = {"images": {}, "unlabeled": {}, "written": {}, "skipped": {}}
     labels: dict[str, list[int]] = {}
     names_of: dict[str, list[str]] = {}
     classes: list[str] | None = None
-    with ProcessPoolExecutor(workers) if workers else contextlib.nullcontext() as pool:
+    with (ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) if workers
+          else contextlib.nullcontext()) as pool:
         if pool is not None:
             pool.submit(int).result()  # start (fork) the workers now, before the index fills this process
         for split in SPLITS:
@@ -332,22 +374,30 @@ def prepare(args: argparse.Namespace, coco_root: Path, out_root: Path) -> dict:
             _write_text(record_path, json.dumps(record, indent=1))
             linked = link_images(image_dir, [img["file_name"] for img in images], out_root / IMG_FOLDER_NAME)
 
-            split_labels = {}
+            split_labels, skipped = {}, []
             for img, name in zip(images, names, strict=True):
-                present_labels = sorted({label for _, label, crowd in _instances(coco, img["id"], label_of)
-                                         if not crowd})
+                instances, unread = _instances(coco, img, label_of)
+                skipped += unread
+                present_labels = sorted({label for _, label, crowd in instances if not crowd})
                 if present_labels:
                     split_labels[name] = present_labels
+            for warning in skipped[:WARNINGS_PER_SPLIT]:
+                print(f"warning: {split}: skipped {warning}", file=sys.stderr)
+            summary["skipped"][split] = len(skipped)
+            if skipped:
+                unnamed = len(skipped) - WARNINGS_PER_SPLIT
+                logger.warning("%s: %d annotations skipped: pycocotools cannot read their segmentation%s", split,
+                               len(skipped), f" ({unnamed} not named above)" if unnamed > 0 else "")
             labels.update(split_labels)
             names_of[split] = names
             summary["images"][split] = len(names)
             summary["unlabeled"][split] = len(names) - len(split_labels)
-            logger.info("%s: %d images (%d links made), %d without a non-crowd object: no image-level label, "
+            logger.info("%s: %d images (%d links made), %d without a readable non-crowd object: no image-level label, "
                         "left out of %s.txt", split, len(names), linked, summary["unlabeled"][split], split)
 
             todo = [(img, name) for img, name in zip(images, names, strict=True) if name not in finished]
             logger.info("%s: %d masks to write, %d already finished", split, len(todo), len(finished))
-            jobs = ((name, int(img["height"]), int(img["width"]), _instances(coco, img["id"], label_of))
+            jobs = ((name, int(img["height"]), int(img["width"]), _instances(coco, img, label_of)[0])
                     for img, name in todo)
             tic = time.perf_counter()
             write_all_masks(pool, mask_dir, jobs, len(todo), workers, f"{split} masks")

@@ -112,6 +112,11 @@ def normalize_cam_for_pcm(cam: torch.Tensor) -> torch.Tensor:
 
 
 EDGE_CHANNELS = 32
+# PCM's affinity matrix holds (HW)^2 numbers per image at 1/8 of the input. Up to PCM_DENSE_ELEMENTS
+# for the batch (2 GiB of float32: two 1000 x 1000 views, VOC's largest at scale 2) it is computed
+# at once, as released; beyond, a block of columns at a time, each block at most PCM_BLOCK_ELEMENTS.
+PCM_DENSE_ELEMENTS = 1 << 29
+PCM_BLOCK_ELEMENTS = 1 << 27
 
 
 class SBOutput(NamedTuple):
@@ -173,11 +178,23 @@ class Net(resnet38d.Net):
 
     def pcm(self, cam: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Pixel correlation module: ``cam_rv = cam @ A`` with ``A = ReLU(f^T f)`` column-normalised,
-        f = f9(features) L2-normalised per position."""
+        f = f9(features) L2-normalised per position. A column of ``cam_rv`` needs only the same
+        column of ``A``: a large ``A`` is computed a block of columns at a time (see
+        ``PCM_DENSE_ELEMENTS``), which bounds the memory and gives the same numbers up to float rounding."""
         n, _, h, w = features.shape
         cam = F.interpolate(cam, (h, w), mode="bilinear", align_corners=True).view(n, -1, h * w)
         f = self.f9(features).view(n, -1, h * w)
         f = f / (torch.norm(f, dim=1, keepdim=True) + 1e-5)
-        aff = F.relu(torch.matmul(f.transpose(1, 2), f))
-        aff = aff / (torch.sum(aff, dim=1, keepdim=True) + 1e-5)
-        return torch.matmul(cam, aff).view(n, -1, h, w)
+        if n * (h * w) ** 2 <= PCM_DENSE_ELEMENTS:
+            return refine_columns(cam, f, f).view(n, -1, h, w)
+        step = max(1, PCM_BLOCK_ELEMENTS // (n * h * w))
+        blocks = [refine_columns(cam, f, f[..., j:j + step]) for j in range(0, h * w, step)]
+        return torch.cat(blocks, dim=2).view(n, -1, h, w)
+
+
+def refine_columns(cam: torch.Tensor, f: torch.Tensor, f_columns: torch.Tensor) -> torch.Tensor:
+    """The columns of ``cam @ A`` (PCM) at the positions whose features are ``f_columns``:
+    ``(N, C, len)`` from ``cam`` ``(N, C, HW)``, ``f`` ``(N, D, HW)``, ``f_columns`` ``(N, D, len)``."""
+    aff = F.relu(torch.matmul(f.transpose(1, 2), f_columns))
+    aff = aff / (torch.sum(aff, dim=1, keepdim=True) + 1e-5)
+    return torch.matmul(cam, aff)

@@ -258,3 +258,62 @@ def test_the_pipeline_refuses_a_class_list_beside_coco(coco: Path, tmp_path: Pat
                            "--out_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("drop --dataset_classes")
+
+
+BROKEN = (  # segmentations pycocotools cannot read, and the reason each warning gives
+    ([], "an empty segmentation"),
+    ([[10.0, 10.0, 40.0, 40.0]], "a polygon of fewer than 3 points (4 numbers: pycocotools would take it for a box)"),
+    ([[10.0, 10.0]], "a polygon of fewer than 3 points (2 numbers)"),
+    ([[10, 10, 40, 10, 40, 40, 25]], "a polygon of 7 numbers, an odd count"),
+    ([[10, 10, 40, 10, 40, 40], [5, 5, 9, 5, 9]], "a polygon of 5 numbers, an odd count"),
+    ([[10, 10, 40, 10, float("nan"), 40]], "a polygon with a coordinate that is not finite"),
+    ([[10, 10, 40, 10, 1e9, 40]], "a polygon farther outside the image than its size"),
+    ([[10, 10, "40", 10, 40, 40]], "a polygon that is not a list of numbers"),
+    ({"size": [64, 80]}, "an RLE without 'counts' and 'size'"),
+)
+
+
+def test_unreadable_segmentations_are_skipped_and_labels_match_the_masks(coco: Path, prepared, tmp_path: Path,
+                                                                         capsys):
+    """Broken annotations of a class (dog) the first image lacks: skipped, named, counted; that
+    image's mask and labels stay the clean run's. A scene whose every instance is a 4-number
+    polygon: a background mask, no image-level label, out of train.txt. Each used to end the run
+    with a traceback from pycocotools (the odd counts were drawn without their last number)."""
+    out, clean = prepared
+    root = Path(shutil.copytree(coco, tmp_path / "COCO"))
+    train_json = root / "annotations" / "instances_train2014.json"
+    data = json.loads(train_json.read_text())
+    first, scene = data["images"][0], data["images"][-1]
+    first_name, scene_name = (Path(img["file_name"]).stem for img in (first, scene))
+    next_id = max(a["id"] for a in data["annotations"]) + 1
+    data["annotations"] += [{"id": next_id + k, "image_id": first["id"], "category_id": 18, "segmentation": seg,
+                             "iscrowd": 0, "area": 0.0, "bbox": [0, 0, 1, 1]} for k, (seg, _) in enumerate(BROKEN)]
+    scene_ids = [a["id"] for a in data["annotations"] if a["image_id"] == scene["id"]]
+    for ann in data["annotations"]:
+        if ann["image_id"] == scene["id"]:
+            ann["segmentation"] = [[1, 2, 30, 40]]
+    train_json.write_text(json.dumps(data))
+
+    summary = prepare.main(["--coco_root", str(root), "--out_root", str(tmp_path / "COCO14"), "--num_workers", "2"])
+    new = tmp_path / "COCO14"
+    err = capsys.readouterr().err.splitlines()
+    assert summary["skipped"] == {"train": len(BROKEN) + len(scene_ids), "val": 0}
+    expected = [f"warning: train: skipped annotation {next_id + k} of {first_name}: {reason}"
+                for k, (_, reason) in enumerate(BROKEN)]
+    expected += [f"warning: train: skipped annotation {i} of {scene_name}: a polygon of fewer than 3 points "
+                 "(4 numbers: pycocotools would take it for a box)" for i in scene_ids]
+    assert sorted(err) == sorted(expected)
+
+    for path in output_files(out / "SegmentationClass", ".png"):
+        mask = load_label_png(new / "SegmentationClass" / path.name)
+        if path.stem == scene_name:
+            assert not mask.any() and load_label_png(path).any()
+        else:
+            np.testing.assert_array_equal(mask, load_label_png(path), path.name)
+    clean_train = load_img_name_list(out / "train.txt")
+    assert load_img_name_list(new / "train.txt") == [n for n in clean_train if n != scene_name]
+    kept = load_img_name_list(new / "train.txt")
+    np.testing.assert_array_equal(load_image_labels(new / "cls_labels.npz", kept, 80),
+                                  load_image_labels(out / "cls_labels.npz", kept, 80))
+    with np.load(new / "cls_labels.npz") as z:
+        assert scene_name not in z["names"]

@@ -113,7 +113,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, sys, time
     from concurrent.futures import ProcessPoolExecutor
     sys.path.insert(0, sys.argv[1])
-    from tool.distributed import die_with_parent
+    from tool.workers import die_with_parent
     pool = ProcessPoolExecutor(2, initializer=die_with_parent, initargs=(os.getpid(),))
     pids = {pool.submit(os.getpid).result() for _ in range(4)}
     print(" ".join(map(str, sorted(pids))), flush=True)
@@ -198,7 +198,7 @@ def test_large_images_go_through_the_network_at_max_side(voc, tmp_path):
     assert [tuple(v.shape[1:]) for v in item["img"]] == [(34, 50), (34, 50), (67, 100), (67, 100)]
     full = VOC12ClsDatasetMSF(*data, scales=(0.5, 1.0), max_side=0)[0]
     assert [tuple(v.shape[1:]) for v in full["img"]][::2] == [(100, 150), (200, 300)]
-    assert infer_SB.get_arg_parser().parse_args(["--weights", "w"]).max_side == 1024
+    assert infer_SB.get_arg_parser().parse_args(["--weights", "w"]).max_side == 1280
     weights = tmp_path / "sb.pth"
     torch.save(resnet38_sb.Net(num_classes=data[3].num_classes, width=0.125).state_dict(), weights)
     infer_SB.main(["--voc12_root", str(voc), "--label_file", str(voc / "cls_labels.npz"), "--backbone_width",

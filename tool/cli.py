@@ -8,14 +8,12 @@ The flag names and defaults are the released code's (``--voc12_root``, ``--weigh
 from __future__ import annotations
 
 import argparse
-import gc
-import multiprocessing
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from tool.errors import InputError, NonFiniteLoss
+from tool.workers import end_worker_processes
 
 OVERWRITE_MODES = ("all", "stale")
 
@@ -140,19 +138,6 @@ def run_main(run: Callable[[argparse.Namespace], Any], parser: argparse.Argument
     end_worker_processes()
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
-
-
-def end_worker_processes() -> None:
-    """Kill the daemonic children left by a failed run: DataLoader workers ignore SIGTERM (see
-    ignore_stop_signals) and, after a worker raised, torch does not always stop them, so the
-    interpreter's exit would wait for them forever."""
-    if hasattr(signal, "SIGCHLD"):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise on these deaths
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=5)
-    gc.collect()  # drops the failed loop's frames, and with them any DataLoader iterator
 
 
 def one_line(error: Exception) -> str:

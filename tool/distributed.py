@@ -7,12 +7,9 @@ script; :func:`shard` splits inference work.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import inspect
 import os
-import signal
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -183,15 +180,3 @@ def ranks_agree(model: nn.Module, info: DistInfo) -> bool:
     dist.all_reduce(agree, op=dist.ReduceOp.MIN)
     return bool(agree.item() == 1.0)
 
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Initializer of worker processes (CRF pools): on Linux the kernel kills the worker when its
-    parent dies, by SIGKILL or SIGTERM alike, so no orphan keeps its memory. A parent that died
-    before this ran is caught by its pid."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(1)

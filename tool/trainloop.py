@@ -35,6 +35,7 @@ from tool.errors import InputError, NonFiniteLoss
 from tool.fileio import atomic_path
 from tool.logutils import AverageMeter, TBWriter, Timer, progress
 from tool.torchutils import LR_MULTS, PolyOptimizer
+from tool.workers import WorkerLoader
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[dict[str, torch.Tensor], Any]]
 PictureFn = Callable[[dict, Any], np.ndarray]
@@ -113,7 +114,7 @@ def make_train_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespac
         dataset = SkipBadItems(dataset)
     sampler = ResumableSampler(len(dataset), shuffle=True, seed=args.seed, batch_size=args.batch_size,
                                drop_last=True, rank=info.rank, world_size=info.world_size)
-    loader = torch.utils.data.DataLoader(
+    loader = WorkerLoader(
         dataset, batch_size=args.batch_size // info.world_size, sampler=sampler, drop_last=True,
         num_workers=args.num_workers, pin_memory=info.device.type == "cuda", worker_init_fn=ignore_stop_signals,
         # A private generator keeps the global RNG (dropout) independent of loader creation, so that

@@ -175,9 +175,11 @@ class VOC12ClsDatasetMSF(VOC12ImageDataset):
     """Multi-scale inference inputs: ``{'name', 'img'`` (each scale, then its mirror image: CHW
     float32 tensors), ``'label'`` (num_fg,), ``'size'`` (H, W), ``'orig'`` uint8 HWC``}``.
 
-    Scaled sizes round as released (``round(side * scale)``), bicubic PIL resize. An image whose
-    longer side exceeds ``max_side`` is first resized to it (the views only: ``size`` and ``orig``
-    stay full size, so the CAMs come back at full size), which bounds the network's memory.
+    Scaled sizes round as released (``round(side * scale)``), bicubic PIL resize. ``max_side``
+    bounds the longer side of every view: an image whose largest view would be longer is first
+    resized so that it is not (its longer side to ``max_side / max(scales)``, rounded down; the views
+    only: ``size`` and ``orig`` stay full size, so the CAMs come back at full size), which bounds
+    the network's memory.
     """
 
     def __init__(self, list_path: str | Path, voc12_root: str | Path, label_file: str | Path,
@@ -193,8 +195,9 @@ class VOC12ClsDatasetMSF(VOC12ImageDataset):
         orig = self.read(index)
         h, w = orig.shape[:2]
         img = orig
-        if self.max_side and max(h, w) > self.max_side:
-            img = imutils.resize_image(orig, imutils.long_side_size((h, w), self.max_side))
+        largest = max(self.scales)
+        if self.max_side and max(h, w) * largest > self.max_side:
+            img = imutils.resize_image(orig, imutils.long_side_size((h, w), max(1, int(self.max_side / largest))))
         views = []
         for s in self.scales:
             scaled = imutils.resize_image(img, (round(img.shape[0] * s), round(img.shape[1] * s)))

@@ -16,6 +16,7 @@ Files are ``NAME.npz`` holding ``sb_map`` as uint8 (``round(255 * value)``, comp
 from __future__ import annotations
 
 import argparse
+import os
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from tool import provenance
 from tool.cli import run_main
 from tool.errors import InputError
 from tool.fileio import held_folders, image_size, load_img_name_list, load_label_png, load_scores, save_sb_map
+from tool.workers import die_with_parent
 from voc12.classes import IGNORE_INDEX, load_classes
 from voc12.data import image_path
 
@@ -210,7 +212,8 @@ def make_maps(args: argparse.Namespace) -> Path:
     provenance.claim_outputs(out_dir, record, overwrite="all", suffix=".npz", names=names)
     work = partial(make_one, args=args, num_classes=classes.num_classes, out_dir=out_dir)
     if args.num_workers > 1 and len(names) > 1:
-        with ProcessPoolExecutor(max_workers=args.num_workers) as pool:
+        with ProcessPoolExecutor(max_workers=args.num_workers, initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             list(pool.map(work, names, chunksize=16))
     else:
         for name in names:
