@@ -1,10 +1,11 @@
 """Run every stage of the method, end to end, redoing only what changed.
 
-With no arguments: the demo. It generates a small dataset in VOC layout, trains a narrow
-ResNet-38 from random init on whatever device there is, and reports every stage's mIoU:
+With no arguments: the demo. It generates a small dataset in VOC layout, trains every network
+of the method on it from the demo's pretrained narrow ResNet-38 (``voc12/demo_backbone.pth``, as
+the paper's start from ImageNet) on whatever device there is, and reports every stage's mIoU:
 
-    python run_pipeline.py                      # about 15 minutes on 2 CPU cores
-    python run_pipeline.py --demo_classes 5     # a custom class list
+    python run_pipeline.py                      # at most 15 minutes on 2 CPU cores
+    python run_pipeline.py --seed 3             # other data, initialisation and sampling
 
 With real data, the paper's defaults (see README.md for the steps one by one); the small-run
 flags try the chain quickly:
@@ -44,7 +45,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from PIL import Image
+import numpy as np
 
 import evaluation
 import infer_aff
@@ -57,9 +58,19 @@ from coco14 import prepare as coco14_prepare
 from tool import provenance
 from tool.cli import run_main
 from tool.errors import InputError
-from tool.fileio import atomic_path, held_folders, hold_folder, load_img_name_list, load_label_png, read_image
-from tool.visualization import blend, cam_max_score, colorize_label, figure_row, heatmap, stack_rows
+from tool.fileio import (
+    atomic_path,
+    held_folders,
+    hold_folder,
+    load_img_name_list,
+    load_label_png,
+    load_scores,
+    read_image,
+)
+from tool.iou import cam_labels, image_miou
+from tool.visualization import blend, colorize_label, heatmap, save_grid
 from voc12 import sb_map
+from voc12.classes import load_classes
 from voc12.data import default_label_file
 
 LA, HA = infer_SB.CRF_ALPHAS  # low and high background powers of the CRF outputs
@@ -67,13 +78,16 @@ STAGES = ("round1", "sb_map", "sb", "infer_sb", "aff", "infer_aff", "seg", "infe
 STATE_FILE = "stages.json"
 SPLITS = ("train", "val")
 
-# The demo's scale: the whole chain in 866 s on 2 idle CPU cores (bench/DEMO.md, seconds per stage there).
+# The demo's scale: the paper's recipe, smaller (bench/DEMO.md: seconds per stage, numbers over seeds).
+# Every network starts from the demo's pretrained backbone (pretrain_demo.py), as the paper's from ImageNet.
+DEMO_BACKBONE = Path(__file__).resolve().parent / "voc12" / "demo_backbone.pth"
 DEMO = {
-    "num_train": 160, "num_val": 60, "image_size": 160, "backbone_width": 0.125, "batch_size": 8, "lr": 0.01,
-    "momentum": 0.9, "num_classes": 5, "smooth_weight": 0.1, "rw_alpha": 4, "rw_logt": 4,
-    "round1_epoches": 30, "sb_epoches": 16, "aff_epoches": 8, "num_workers": 1,
-    # DeepLab-v1 on the narrow ResNet-38, from the SB step's backbone, on the random-walk labels.
-    "seg_iters": 300, "seg_lr": 0.001, "seg_batch_size": 8, "seg_iter_size": 1, "seg_head_bn_momentum": 0.1,
+    "num_train": 160, "num_val": 60, "image_size": 160, "backbone_width": 0.125, "batch_size": 8,
+    "num_classes": 5, "rw_alpha": 4, "rw_logt": 4, "round1_epoches": 15, "sb_epoches": 15, "aff_epoches": 8,
+    "num_workers": 1, "smooth_weight": 0.1,
+    # DeepLab-v1 on the narrow ResNet-38 (SEAM's codebase: lr 1e-3), 300 iterations of 8 crops; its
+    # head's BatchNorm momentum scaled with the iterations (3e-4 over 20,000).
+    "seg_iters": 300, "seg_lr": 0.001, "seg_batch_size": 8, "seg_iter_size": 1, "seg_head_bn_momentum": 0.02,
 }
 
 
@@ -82,7 +96,7 @@ class SegConfig:
     """The segmentation stage's options; ``None`` leaves train_seg.py's default (the VOC recipe)."""
 
     backbone: str = "resnet101"
-    weights: str | None = None  # its start; the demo's is the SB step's backbone
+    weights: str | None = None  # its start (default: --weights)
     input: str | None = None  # network input normalisation (caffe / imagenet)
     balanced_ce: bool = False
     iters: int | None = None
@@ -111,10 +125,7 @@ class Config:
     batch_size: int | None = None
     crop_size: int | None = None
     resize_long: tuple[int, int] | None = None
-    lr: float | None = None
-    momentum: float | None = None
     seed: int | None = None
-    train_bn: bool = False
     epochs: dict[str, int | None] = field(default_factory=dict)  # by stage: round1, sb, aff
     smooth_weight: float | None = None
     rw_alpha: float | None = None
@@ -197,28 +208,22 @@ def build_stages(cfg: Config) -> list[Stage]:
     out = cfg.out
     data = flags(voc12_root=cfg.root, dataset_classes=cfg.classes_file)
     common = data + flags(device=cfg.device, backbone_width=cfg.backbone_width, num_workers=cfg.num_workers)
-    train = common + flags(tblog_dir=out / "tblog", train_list=cfg.train_list, train_bn=cfg.train_bn,
-                           crop_size=cfg.crop_size, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                           seed=cfg.seed)
+    train = common + flags(tblog_dir=out / "tblog", train_list=cfg.train_list, crop_size=cfg.crop_size,
+                           batch_size=cfg.batch_size, seed=cfg.seed)
     sb_train = train + flags(resize_long=cfg.resize_long)
-    # In the demo (no ImageNet weights) the first round stands in for pretraining: the SB step
-    # starts from it and AffinityNet from the SB step's backbone.
     r1, sb, aff = (str(out / name) for name in ("round1", "sb", "aff"))
-    sb_init = r1 + ".pth" if cfg.demo else cfg.weights
-    aff_init = sb + ".pth" if cfg.demo else cfg.weights
     crf = {split: str(out / f"crf_{split}") for split in SPLITS}
     infer_lists = {"train": cfg.train_list, "val": cfg.eval_lists["val"]}
     # DeepLab: real data trains DeepLab-v2 from --seg_weights; the demo the narrow ResNet-38
-    # DeepLab-v1 from the SB step's backbone (as the first round stands in for ImageNet).
+    # DeepLab-v1 from the pretrained backbone.
     seg_cfg = cfg.seg
     seg = str(out / "seg")
     seg_net = flags(seg_backbone=seg_cfg.backbone, seg_input=seg_cfg.input,
                     backbone_width=cfg.backbone_width if seg_cfg.backbone == "resnet38" else None)
     seg_train = data + seg_net + flags(
         device=cfg.device, num_workers=cfg.num_workers, tblog_dir=out / "tblog", train_list=cfg.train_list,
-        label_dir=out / "rw_train", weights=sb + ".pth" if cfg.demo else seg_cfg.weights or cfg.weights,
-        session_name=seg, seed=cfg.seed, train_bn=cfg.train_bn and seg_cfg.backbone == "resnet38",
-        max_iters=seg_cfg.iters, lr=seg_cfg.lr, momentum=cfg.momentum if cfg.demo else None,
+        label_dir=out / "rw_train", weights=seg_cfg.weights or cfg.weights,
+        session_name=seg, seed=cfg.seed, max_iters=seg_cfg.iters, lr=seg_cfg.lr,
         batch_size=seg_cfg.batch_size, iter_size=seg_cfg.iter_size, crop_size=seg_cfg.crop_size,
         scales=seg_cfg.scales, head_bn_momentum=seg_cfg.head_bn_momentum, balanced_ce=seg_cfg.balanced_ce)
     seg_infer = data + seg_net + flags(device=cfg.device, num_workers=cfg.num_workers, weights=seg + ".pth")
@@ -240,7 +245,7 @@ def build_stages(cfg: Config) -> list[Stage]:
         ), inputs=user_files),
         Stage("sb_map", (cmd(sb_map, data + flags(list=cfg.train_list, crf_dir=infer_SB.crf_dir(
             str(out / "round1_crf"), LA), out_dir=out / "sb_map"), "other"),)),
-        Stage("sb", (cmd(train_SB, sb_train + flags(weights=sb_init, max_epoches=cfg.epochs.get("sb"),
+        Stage("sb", (cmd(train_SB, sb_train + flags(weights=cfg.weights, max_epoches=cfg.epochs.get("sb"),
                                                     smooth_weight=cfg.smooth_weight, session_name=sb,
                                                     sb_map_dir=out / "sb_map"), "train"),)),
         # Inference covers the whole training list (train_aug on VOC: AffinityNet trains on its
@@ -248,7 +253,7 @@ def build_stages(cfg: Config) -> list[Stage]:
         Stage("infer_sb", tuple(
             cmd(infer_SB, common + flags(weights=sb + ".pth", infer_list=lst, out_cam=out / f"cam_{split}",
                                          out_crf=crf[split]), "infer") for split, lst in infer_lists.items())),
-        Stage("aff", (cmd(train_aff, train + flags(weights=aff_init, max_epoches=cfg.epochs.get("aff"),
+        Stage("aff", (cmd(train_aff, train + flags(weights=cfg.weights, max_epoches=cfg.epochs.get("aff"),
                                                    session_name=aff,
                                                    la_crf_dir=infer_SB.crf_dir(crf["train"], LA),
                                                    ha_crf_dir=infer_SB.crf_dir(crf["train"], HA)), "train"),)),
@@ -521,7 +526,7 @@ def write_results(cfg: Config, outputs: list[dict], seconds: float) -> None:
     results["seconds"] = round(seconds, 1)
     with atomic_path(cfg.out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
-    write_figure(cfg.out, cfg.root, cfg.eval_lists["val"])
+    write_figure(cfg, results)
 
 
 def check_results(cfg: Config, results: dict) -> None:
@@ -544,18 +549,47 @@ def print_table(results: dict) -> None:
         print(f"{TITLES[key]:<{width}}{results[key]['train']:>6.1f}  {results[key]['val']:>6.1f}  {biou:>8.1f}")
 
 
-def write_figure(out: Path, root: Path, val_list: str, count: int = 4) -> None:
-    """Image, ground truth, CAM, random-walk mask and DeepLab + CRF mask of a few val images."""
-    rows = []
-    for name in load_img_name_list(val_list)[:count]:
+# The picture's columns after the image and its ground truth: a table row's val folder each.
+FIGURE_COLUMNS = ("round1_cam", "cam", "crf_la", "rw", "seg_crf")
+
+
+def figure_rows(out: Path, root: Path, names: list[str], num_classes: int,
+                cam_thresholds: dict[str, float]) -> tuple[list[str], list[list[np.ndarray]], list[list[str]]]:
+    """The picture of some val images: column titles, and per image its panels (image, ground
+    truth, then each of FIGURE_COLUMNS) and their captions (each prediction's mIoU on that image,
+    CAMs at the table's background threshold)."""
+    titles = ["image", "ground truth"] + [TITLES[key] for key in FIGURE_COLUMNS]
+    folders = {key: out / folder.format("val") for key, folder, _ in EVALUATED}
+    rows, captions = [], []
+    for name in names:
         img = read_image(root / "JPEGImages" / f"{name}.jpg")
-        gt = colorize_label(load_label_png(root / "SegmentationClass" / f"{name}.png"))
-        cam = blend(img, heatmap(cam_max_score(out / "cam_val" / f"{name}.npz", img.shape[:2])))
-        rw = colorize_label(load_label_png(out / "rw_val" / f"{name}.png"))
-        seg = colorize_label(load_label_png(out / "seg_crf_val" / f"{name}.png"))
-        rows.append(figure_row(img, [gt, cam, rw, seg]))
-    with atomic_path(out / "demo.png") as tmp:
-        Image.fromarray(stack_rows(rows)).save(tmp, format="PNG")
+        gt = load_label_png(root / "SegmentationClass" / f"{name}.png")
+        panels, texts = [img, colorize_label(gt)], [name, ""]
+        for key in FIGURE_COLUMNS:
+            path = folders[key]
+            if key in ("round1_cam", "cam"):
+                labels, scores = load_scores(path / f"{name}.npz")
+                pred = cam_labels(labels, scores, cam_thresholds[f"{key}_val"])
+                panel = blend(img, heatmap(scores.max(0) if labels.size else np.zeros(gt.shape, np.float32)))
+            elif key == "crf_la":
+                labels, scores = load_scores(path / f"{name}.npz")
+                pred = labels[scores.argmax(0)].astype(np.uint8)
+                panel = blend(img, colorize_label(pred), 0.6)
+            else:
+                pred = load_label_png(path / f"{name}.png")
+                panel = blend(img, colorize_label(pred), 0.6)
+            panels.append(panel)
+            texts.append(f"IoU {100 * image_miou(pred, gt, num_classes):.1f}")
+        rows.append(panels)
+        captions.append(texts)
+    return titles, rows, captions
+
+
+def write_figure(cfg: Config, results: dict, count: int = 4) -> None:
+    """``demo.png``: the first val images with each stage's prediction and its IoU on the image."""
+    names = load_img_name_list(cfg.eval_lists["val"])[:count]
+    num_classes = load_classes(cfg.classes_file).num_classes
+    save_grid(cfg.out / "demo.png", *figure_rows(cfg.out, cfg.root, names, num_classes, results["cam_threshold"]))
 
 
 def make_dataset(args: argparse.Namespace, cfg: Config) -> None:
@@ -613,20 +647,22 @@ def make_config(args: argparse.Namespace) -> Config:
                       device=args.device, seed=args.seed, epochs=epochs,
                       seg=real_seg_config(args, seg_options), **small_run)
     if args.seg_weights or args.seg_backbone == "resnet101":
-        raise InputError("the demo trains DeepLab-v1 on the narrow ResNet-38 from its SB step; --seg_weights and "
-                         "--seg_backbone resnet101 are for real data (--voc12_root)")
+        raise InputError("the demo trains DeepLab-v1 on the narrow ResNet-38 from its pretrained backbone; "
+                         "--seg_weights and --seg_backbone resnet101 are for real data (--voc12_root)")
+    weights = args.weights or str(DEMO_BACKBONE)
+    if not args.weights and args.backbone_width not in (None, DEMO["backbone_width"]):
+        raise InputError(f"the demo's pretrained backbone has width {DEMO['backbone_width']}; for --backbone_width "
+                         f"{args.backbone_width} pretrain one (pretrain_demo.py) and pass it as --weights")
     root = out / "data"
     size = args.demo_image_size
     demo_epochs = {k: max(1, round(DEMO[f"{k}_epoches"] * args.demo_scale)) for k in epochs}
     defaults = {"backbone_width": DEMO["backbone_width"], "num_workers": DEMO["num_workers"],
                 "batch_size": DEMO["batch_size"], "crop_size": size, "resize_long": (size * 6 // 7, size * 10 // 7)}
     return Config(
-        out=out, root=root, classes_file=str(root / "classes.txt"), demo=True, weights=None,
+        out=out, root=root, classes_file=str(root / "classes.txt"), demo=True, weights=weights,
         train_list=str(root / "train.txt"), eval_lists={split: str(root / f"{split}.txt") for split in SPLITS},
-        device=args.device, seed=args.seed, train_bn=True, lr=DEMO["lr"], momentum=DEMO["momentum"],
+        device=args.device, seed=args.seed,
         epochs={k: v if v is not None else demo_epochs[k] for k, v in epochs.items()},
-        # From random init the CAMs are large and the smoothness loss (weight 1 for ImageNet
-        # starts) flattens them; a tenth keeps its effect without the collapse.
         smooth_weight=DEMO["smooth_weight"],
         # 20x20 feature maps, not VOC's 63x47: a shorter walk with a larger background share.
         rw_alpha=DEMO["rw_alpha"], rw_logt=DEMO["rw_logt"],
@@ -645,7 +681,8 @@ def get_arg_parser() -> argparse.ArgumentParser:
                         help="MS COCO 2014 in its official layout (train2014/, val2014/, annotations/)")
     parser.add_argument("--coco14_root", default=None,
                         help="where --coco_root is prepared in the VOC layout (default: OUT_DIR/COCO14)")
-    parser.add_argument("--weights", default=None, help="ImageNet weights for the real pipeline")
+    parser.add_argument("--weights", default=None,
+                        help="ImageNet weights (the demo's default: its pretrained voc12/demo_backbone.pth)")
     parser.add_argument("--out_dir", default="demo_out")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dataset_classes", default=None, help="class list of a custom dataset")

@@ -14,15 +14,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import run_pipeline
-from tool.fileio import LOCK_NAME, is_valid_scores, load_img_name_list
+from tool.fileio import LOCK_NAME, is_valid_scores, load_img_name_list, load_label_png, load_scores, read_image
 from tool.provenance import RECORD_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--demo_scale", "0.05", "--demo_image_size", "64", "--demo_classes", "3", "--seg_iters", "2"]
+# Two epochs of the first round, so that a run can be killed after its first checkpoint.
+TINY = ["--demo_scale", "0.05", "--demo_image_size", "64", "--demo_classes", "3", "--seg_iters", "2",
+        "--round1_epoches", "2"]
 INFERRED = ("round1_crf_4.0", "round1_cam_train", "round1_cam_val", "cam_train", "crf_train_4.0", "crf_train_24.0",
             "cam_val", "rw_train", "rw_val", "sb_map", "seg_train", "seg_val", "seg_crf_train", "seg_crf_val")
 
@@ -105,6 +109,41 @@ def test_first_run_runs_every_stage_and_records_every_folder(first):
     seg = json.loads(first["records"]["seg_crf_val"])
     assert seg["seg_backbone"] == "resnet38" and seg["crf_image"] == "rgb"
     assert len(list((first["out"] / "seg_train").glob("*.png"))) == len(list((first["out"] / "rw_train").glob("*.png")))
+
+
+def image_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean IoU over the classes in an image's ground truth or prediction, counted class by class."""
+    valid = gt != 255
+    ious = [np.sum((pred == c) & (gt == c) & valid) / np.sum(((pred == c) | (gt == c)) & valid)
+            for c in np.union1d(np.unique(gt[valid]), np.unique(pred[valid]))]
+    return 100 * float(np.mean(ious))
+
+
+def test_picture_titles_each_stage_and_gives_its_iou_on_each_image(first):
+    out, data = first["out"], first["out"] / "data"
+    results = json.loads((out / "results.json").read_text())
+    names = load_img_name_list(data / "val.txt")[:3]
+    titles, rows, captions = run_pipeline.figure_rows(out, data, names, 4, results["cam_threshold"])
+    assert titles == ["image", "ground truth", "SEAM baseline CAM (round 1)", "SB CAM", "CRF la (alpha 4)",
+                      "random walk", "DeepLab + CRF"]
+    for name, panels, texts in zip(names, rows, captions, strict=True):
+        img = read_image(data / "JPEGImages" / f"{name}.jpg")
+        gt = load_label_png(data / "SegmentationClass" / f"{name}.png")
+        assert len(panels) == len(texts) == len(titles) and texts[:2] == [name, ""]
+        assert all(p.shape == img.shape for p in panels)
+        np.testing.assert_array_equal(panels[0], img)
+        expected = []
+        for key in ("round1_cam", "cam"):  # SEAM's argmax over [t, CAMs...], first index winning ties
+            labels, scores = load_scores(out / f"{key}_val" / f"{name}.npz")
+            stacked = np.concatenate([np.full((1, *gt.shape), results["cam_threshold"][f"{key}_val"], np.float32),
+                                      scores.astype(np.float32)])
+            expected.append(np.concatenate([[0], labels])[stacked.argmax(0)])
+        labels, scores = load_scores(out / "crf_val_4.0" / f"{name}.npz")
+        expected.append(labels[scores.argmax(0)])
+        expected += [load_label_png(out / folder / f"{name}.png") for folder in ("rw_val", "seg_crf_val")]
+        assert texts[2:] == [f"IoU {image_iou(pred, gt):.1f}" for pred in expected]
+    with Image.open(out / "demo.png") as picture:
+        assert picture.width >= 7 * 100 and picture.height >= 4 * 100  # seven titled columns, four rows
 
 
 def test_unchanged_rerun_trains_and_infers_nothing(first):

@@ -155,6 +155,14 @@ def cam_labels(labels: np.ndarray, scores: np.ndarray, threshold: float) -> np.n
     return np.where(best_score > np.float32(threshold), best_class, 0).astype(np.uint8).reshape(scores.shape[1:])
 
 
+def image_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> float:
+    """One image's mean IoU over the classes present in its ground truth or its prediction (pixels
+    whose ground truth is ``ignore_index`` left out), in [0, 1]; NaN when no pixel counts."""
+    conf = confusion_matrix(pred, gt, num_classes, ignore_index)
+    present = conf.sum(axis=1) + conf[:, :num_classes].sum(axis=0) > 0
+    return float(iou_from_confusion(conf)[present].mean()) if present.any() else float("nan")
+
+
 def curve_histogram(labels: np.ndarray, scores: np.ndarray, gt: np.ndarray, thresholds: np.ndarray,
                     num_classes: int, ignore_index: int = 255) -> np.ndarray:
     """Pixel counts ``(C, C, T + 1)`` by (ground truth, best class, number of thresholds below

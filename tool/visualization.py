@@ -7,6 +7,7 @@ CAMs and predictions on images.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from tool.cli import add_allow_pickle_arg, run_main
-from tool.fileio import load_img_name_list, load_label_png, load_scores, read_image, voc_palette
+from tool.fileio import atomic_path, load_img_name_list, load_label_png, load_scores, read_image, voc_palette
 from tool.imutils import denormalize
 
 
@@ -61,34 +62,44 @@ def cam_max_score(cam_file: Path, size: tuple[int, int], allow_pickle: bool = Fa
     return scores.max(0) if labels.size else np.zeros(size, np.float32)
 
 
-def figure_row(img: np.ndarray, panels: list[np.ndarray]) -> np.ndarray:
-    """One image and its panels (each ``(H, W, 3)``) side by side with a white gap."""
-    gap = np.full((img.shape[0], 4, 3), 255, np.uint8)
-    parts = [img]
-    for p in panels:
-        parts += [gap, p]
-    return np.concatenate(parts, axis=1)
+def save_grid(path: str | Path, column_titles: Sequence[str], rows: Sequence[Sequence[np.ndarray]],
+              captions: Sequence[Sequence[str]] | None = None, panel_inches: float = 1.9) -> None:
+    """Panels (``(H, W, 3)`` uint8 each) in a grid with a title over each column and an optional
+    caption under each panel, written as a PNG atomically."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
 
-def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
-    """Rows of different widths/heights stacked on a white canvas."""
-    width = max(r.shape[1] for r in rows)
-    gap = np.full((4, width, 3), 255, np.uint8)
-    out = []
-    for r in rows:
-        pad = np.full((r.shape[0], width - r.shape[1], 3), 255, np.uint8)
-        out += [np.concatenate([r, pad], axis=1), gap]
-    return np.concatenate(out[:-1], axis=0)
+    num_cols = len(column_titles)
+    if any(len(row) != num_cols for row in rows):
+        raise ValueError(f"every row needs {num_cols} panels, one per column title")
+    fig = Figure(figsize=(panel_inches * num_cols, (panel_inches + 0.3) * len(rows) + 0.3), dpi=100)
+    axes = fig.subplots(len(rows), num_cols, squeeze=False)
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(column_titles[c], fontsize=9)
+            if captions is not None and captions[r][c]:
+                ax.set_xlabel(captions[r][c], fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def run(args: argparse.Namespace) -> Path:
     root = Path(args.voc12_root)
     names = load_img_name_list(args.list)[: args.max_images]
+    titles = ["image"] + ["ground truth"] * bool(args.gt_dir) + ["CAM"] * bool(args.cam_dir)
+    titles += [Path(d).name for d in args.pred_dir or []]
     rows = []
     for name in names:
-        img_path = root / "JPEGImages" / f"{name}.jpg"
-        img = read_image(img_path)
-        panels = []
+        img = read_image(root / "JPEGImages" / f"{name}.jpg")
+        panels = [img]
         if args.gt_dir:
             panels.append(colorize_label(load_label_png(Path(args.gt_dir) / f"{name}.png")))
         if args.cam_dir:
@@ -96,10 +107,9 @@ def run(args: argparse.Namespace) -> Path:
             panels.append(blend(img, heatmap(cam_max_score(cam_file, img.shape[:2], args.allow_pickle))))
         for pred_dir in args.pred_dir or []:
             panels.append(blend(img, colorize_label(load_label_png(Path(pred_dir) / f"{name}.png")), 0.6))
-        rows.append(figure_row(img, panels))
+        rows.append(panels)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(stack_rows(rows)).save(out)
+    save_grid(out, titles, rows, [[name] + [""] * (len(titles) - 1) for name in names])
     return out
 
 
