@@ -210,7 +210,8 @@ def released_multiscale_cam(model: nn.Module, views: list[torch.Tensor], label: 
     cam_max = np.max(total, (1, 2), keepdims=True)
     cam_min = np.min(total, (1, 2), keepdims=True)
     total[total < cam_min + 1e-5] = 0
-    return (total - cam_min - 1e-5) / (cam_max - cam_min + 1e-5)
+    # The present classes, in label order, as infer_SB.multiscale_cam returns them.
+    return ((total - cam_min - 1e-5) / (cam_max - cam_min + 1e-5))[label.numpy() > 0]
 
 
 def inference_rates(width: float, size: tuple[int, int], device: torch.device, images: int,
