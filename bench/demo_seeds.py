@@ -80,7 +80,8 @@ def summarise(per_seed: dict[int, dict], class_names: tuple[str, ...]) -> dict:
     lowest = min(({"iou": r["metrics"][key][split][name], "seed": seed, "row": key, "split": split, "class": name}
                   for seed, r in per_seed.items() for key, _, _ in run_pipeline.EVALUATED
                   for split in ("train", "val") for name in class_names), key=lambda item: item["iou"])
-    return {"seeds": sorted(per_seed), "rows": rows, "gains": gains, "lowest_class_iou": lowest}
+    seconds = {seed: r["seconds"] for seed, r in per_seed.items()}
+    return {"seeds": sorted(per_seed), "rows": rows, "gains": gains, "lowest_class_iou": lowest, "seconds": seconds}
 
 
 def markdown(summary: dict) -> str:
@@ -99,7 +100,9 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {run_pipeline.TITLES[after]} over {run_pipeline.TITLES[before]} | " + " | ".join(cells) + " |")
     lowest = summary["lowest_class_iou"]
     lines += ["", f"Lowest class IoU of any row of any seed: {lowest['iou']:.1f} ({lowest['class']}, "
-                  f"{run_pipeline.TITLES[lowest['row']]}, {lowest['split']}, seed {lowest['seed']})."]
+                  f"{run_pipeline.TITLES[lowest['row']]}, {lowest['split']}, seed {lowest['seed']}).",
+              "", "Seconds of the run that computed each seed's numbers: "
+              + ", ".join(f"seed {seed} {s:.0f}" for seed, s in summary["seconds"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -45,6 +45,7 @@ def test_two_seeds_summarised_and_not_redone(tmp_path):
     lowest = summary["lowest_class_iou"]
     assert lowest["iou"] == min(r["metrics"][k][split][c] for r in per_seed for k in r["metrics"]
                                 for split in ("train", "val") for c in ("background", *lowest_names(out)))
+    assert summary["seconds"] == {str(seed): r["seconds"] for seed, r in enumerate(per_seed)}
     assert "± " in first.stdout and "SB CAM over SEAM baseline CAM (round 1)" in first.stdout
 
     again = run_seeds(out)  # finished seeds: every stage up to date, nothing trained or inferred again
