@@ -130,7 +130,7 @@ def train(args: argparse.Namespace, info: DistInfo) -> Path:
     with atomic_path(out) as tmp:
         torch.save(net.backbone_state(), tmp)
     record = {
-        "command": "python pretrain_demo.py " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("pretrain_demo.py")
+        "command": shlex.join(["python", "pretrain_demo.py", *sys.argv[1:]]) if sys.argv[0].endswith("pretrain_demo.py")
         else "python pretrain_demo.py",
         "recipe": recipe(args),
         "corpus": {"train_images": len(load_img_name_list(root / "train.txt")),
