@@ -11,7 +11,8 @@ trained from random init with every layer and BatchNorm learning, as an ImageNet
 softmax cross-entropy, SGD with momentum, a poly schedule. The backbone's state_dict (the released
 parameter names, float16) is written with a record beside it: the command, the recipe (every
 flag), the corpus, the held-out accuracy and the file's sha256. ``tests/test_demo_backbone.py``
-checks that the shipped file matches its record and the record this script's defaults.
+checks that the shipped file matches its record and the record this script's defaults and the
+world ``voc12.demo`` draws today (``world_sample``).
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ from tool.logutils import progress, setup_logging
 from tool.torchutils import PolyOptimizer
 from tool.trainloop import fit, make_train_loader, resume_state
 from voc12.data import VOC12ClsDataset, VOC12ImageDataset, default_label_file, load_image_labels
-from voc12.demo import make_demo_dataset
+from voc12.demo import make_demo_dataset, world_sample
 
+CORPUS_LAYOUT = "objects"  # voc12.demo's layout of ImageNet's kind of picture
 DEFAULT_OUT = Path(__file__).resolve().parent / "voc12" / "demo_backbone.pth"
 # Flags that say where things go rather than what is trained: left out of the recipe.
 NOT_RECIPE = ("out", "work_dir", "num_workers", "device", "tblog_dir", "resume", "log_every", "tb_image_every",
@@ -75,8 +77,9 @@ def get_arg_parser() -> argparse.ArgumentParser:
 
 
 def recipe(args: argparse.Namespace) -> dict:
-    """What the backbone is a function of: every flag but those that say where things go."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE}
+    """What the backbone is a function of: every flag but those that say where things go (as JSON
+    keeps it: tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE}
 
 
 def make_optimizer(net: nn.Module, args: argparse.Namespace, max_step: int) -> PolyOptimizer:
@@ -104,7 +107,7 @@ def train(args: argparse.Namespace, info: DistInfo) -> Path:
     root = work / "corpus"
     classes = make_demo_dataset(root, num_train=args.num_images, num_val=args.num_held_out,
                                 image_size=args.image_size, seed=args.corpus_seed, num_classes=args.num_classes,
-                                layout="objects")
+                                layout=CORPUS_LAYOUT)
     torch.manual_seed(args.seed)
     net = resnet38_cls.Net(classes.num_fg, args.backbone_width)
     dataset = VOC12ClsDataset(root / "train.txt", root, default_label_file(root / "train.txt"), classes,
@@ -134,7 +137,8 @@ def train(args: argparse.Namespace, info: DistInfo) -> Path:
         else "python pretrain_demo.py",
         "recipe": recipe(args),
         "corpus": {"train_images": len(load_img_name_list(root / "train.txt")),
-                   "held_out_images": len(load_img_name_list(root / "val.txt")), "classes": list(classes.names)},
+                   "held_out_images": len(load_img_name_list(root / "val.txt")), "classes": list(classes.names),
+                   "sample": world_sample(args.image_size, args.corpus_seed, args.num_classes, CORPUS_LAYOUT)},
         "held_out_top1": accuracy,
         "torch": torch.__version__,
         "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),

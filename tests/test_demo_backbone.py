@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import pretrain_demo
 import run_pipeline
 from network import deeplab_v1_resnet38, resnet38_aff, resnet38_cls, resnet38_sb, resnet38d
-from voc12.demo import demo_classes
+from tool.fileio import load_label_png
+from voc12 import demo
+from voc12.demo import demo_classes, world_sample
 
 SHIPPED = pretrain_demo.DEFAULT_OUT
 WIDTH = 0.125
@@ -52,7 +55,12 @@ def test_pretraining_writes_a_released_name_backbone(tiny_backbone):
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert record["recipe"] == pretrain_demo.recipe(pretrain_demo.get_arg_parser().parse_args(argv))
-    assert record["corpus"] == {"train_images": 8, "held_out_images": 4, "classes": list(demo_classes(3).names)}
+    assert record["corpus"] == {"train_images": 8, "held_out_images": 4, "classes": list(demo_classes(3).names),
+                                "sample": world_sample(64, 1000, 3, "objects")}
+    for i, drawn in enumerate(record["corpus"]["sample"]):  # the fingerprint is of the corpus it trained on
+        label = load_label_png(out.parent / "corpus" / "SegmentationClass" / f"train_{i:05d}.png")
+        values, counts = np.unique(label, return_counts=True)
+        assert drawn["label_counts"] == {str(v): int(c) for v, c in zip(values, counts, strict=True)}
     assert 0 <= record["held_out_top1"] <= 1
 
 
@@ -81,3 +89,23 @@ def test_the_shipped_backbone_is_what_its_record_says():
     num_demo = run_pipeline.DEMO["num_classes"]
     assert record["corpus"]["classes"][:num_demo] == list(demo_classes(num_demo).names)
     assert record["held_out_top1"] >= 0.9
+    # The world the file was trained on is the world voc12.demo draws today: an edit of the world
+    # without retraining fails here (a pixel may differ on another CPU, hence the tolerances).
+    recipe = record["recipe"]
+    now = world_sample(recipe["image_size"], recipe["corpus_seed"], recipe["num_classes"], pretrain_demo.CORPUS_LAYOUT)
+    for then, drawn in zip(record["corpus"]["sample"], now, strict=True):
+        np.testing.assert_allclose(drawn["mean_rgb"], then["mean_rgb"], atol=0.5)
+        assert drawn["label_counts"].keys() == then["label_counts"].keys()
+        area = sum(then["label_counts"].values())
+        for key, count in then["label_counts"].items():
+            assert abs(drawn["label_counts"][key] - count) <= 0.01 * area
+
+
+def test_the_world_sample_sees_a_change_of_the_world(monkeypatch):
+    before = world_sample(112, 1000, 12, "objects", count=2)
+    assert before == world_sample(112, 1000, 12, "objects", count=2)
+    monkeypatch.setattr(demo, "MARK_RADIUS", demo.MARK_RADIUS * 0.8)  # smaller marks, same draws
+    after = world_sample(112, 1000, 12, "objects", count=2)
+    moved = [max(abs(a - b) for a, b in zip(x["mean_rgb"], y["mean_rgb"], strict=True))
+             for x, y in zip(before, after, strict=True)]
+    assert max(moved) > 0.5  # beyond the shipped record's tolerance

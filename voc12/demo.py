@@ -336,6 +336,30 @@ def annotation_xml(name: str, size: tuple[int, int], annotations: list[dict],
     return tree
 
 
+def dataset_image(seed: int, split_id: int, i: int, image_size: int, looks: list[Appearance],
+                  layout: Layout) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Image ``i`` of split ``split_id`` (0 train, 1 val) of the dataset drawn with ``seed``."""
+    rng = np.random.default_rng([seed, split_id, i])
+    short = int(round(image_size * rng.uniform(0.7, 1.0)))
+    size = (image_size, short) if rng.random() < 0.3 else (short, image_size)
+    return make_image(rng, size, looks, layout)
+
+
+def world_sample(image_size: int, seed: int, num_classes: int, layout: str, count: int = 4) -> list[dict]:
+    """A fingerprint of the world: the mean colour and the label counts of the first ``count``
+    training images, drawn again. A file trained on the world records it, so a test can tell when
+    the world changed under the file (compare with a tolerance: a last-bit difference of a sine on
+    another CPU may move a pixel)."""
+    looks = class_appearances(num_classes)
+    sample = []
+    for i in range(count):
+        img, label, _ = dataset_image(seed, 0, i, image_size, looks, LAYOUTS[layout])
+        values, counts = np.unique(label, return_counts=True)
+        sample.append({"mean_rgb": [round(float(c), 2) for c in img.reshape(-1, 3).mean(0)],
+                       "label_counts": {str(v): int(c) for v, c in zip(values, counts, strict=True)}})
+    return sample
+
+
 def make_demo_dataset(root: str | Path, num_train: int = 160, num_val: int = 60, image_size: int = 160,
                       seed: int = 0, num_classes: int = VOC.num_fg, layout: str = "scenes") -> ClassList:
     """Write the demo dataset under ``root``; ``num_classes`` counts object classes (no background),
@@ -355,16 +379,13 @@ def make_demo_dataset(root: str | Path, num_train: int = 160, num_val: int = 60,
     for split_id, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         names = []
         for i in range(count):
-            rng = np.random.default_rng([seed, split_id, i])
-            short = int(round(image_size * rng.uniform(0.7, 1.0)))
-            size = (image_size, short) if rng.random() < 0.3 else (short, image_size)
-            img, label, annotations = make_image(rng, size, looks, LAYOUTS[layout])
+            img, label, annotations = dataset_image(seed, split_id, i, image_size, looks, LAYOUTS[layout])
             name = f"{split}_{i:05d}"
             with atomic_path(root / "JPEGImages" / f"{name}.jpg") as tmp:
                 Image.fromarray(img).save(tmp, format="JPEG", quality=90)
             save_label_png(root / "SegmentationClass" / f"{name}.png", label)
             with atomic_path(root / "Annotations" / f"{name}.xml") as tmp:
-                annotation_xml(name, size, annotations, classes).write(tmp, encoding="utf-8")
+                annotation_xml(name, label.shape, annotations, classes).write(tmp, encoding="utf-8")
             names.append(name)
         with atomic_path(root / SPLIT_FOLDER / f"{split}.txt") as tmp:
             tmp.write_text("".join(n + "\n" for n in names))
