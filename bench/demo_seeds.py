@@ -48,7 +48,13 @@ def run_seed(seed: int, out: Path, threads: int | None, extra: list[str]) -> dic
 
 def mean_std(values: list[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "values": a.tolist()}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else None, "values": a.tolist()}
+
+
+def spread(cell: dict, sign: str = "") -> str:
+    """``mean ± std``; the mean alone for one seed, which has no spread."""
+    text = f"{cell['mean']:{sign}.1f}"
+    return text if cell["std"] is None else f"{text} ± {cell['std']:.1f}"
 
 
 def paired_gain(after: list[float], before: list[float]) -> dict:
@@ -89,14 +95,14 @@ def markdown(summary: dict) -> str:
     lines = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key, cells in summary["rows"].items():
         lines.append(f"| {run_pipeline.TITLES[key]} | "
-                     + " | ".join(f"{c['mean']:.1f} ± {c['std']:.1f}" for c in cells.values()) + " |")
+                     + " | ".join(spread(c) for c in cells.values()) + " |")
     lines += ["", "| gain (paired by seed) | train | val |", "|---|---|---|"]
     for name, by_split in summary["gains"].items():
         after, before = name.split(" - ")
         cells = []
         for g in by_split.values():
             noise = " (within noise)" if g.get("within_noise") else ""
-            cells.append(f"{g['mean']:+.1f} ± {g['std']:.1f}{noise}")
+            cells.append(spread(g, "+") + noise)
         lines.append(f"| {run_pipeline.TITLES[after]} over {run_pipeline.TITLES[before]} | " + " | ".join(cells) + " |")
     lowest = summary["lowest_class_iou"]
     lines += ["", f"Lowest class IoU of any row of any seed: {lowest['iou']:.1f} ({lowest['class']}, "

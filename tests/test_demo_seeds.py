@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy import stats
 
 import run_pipeline
@@ -57,3 +58,14 @@ def test_two_seeds_summarised_and_not_redone(tmp_path):
 def lowest_names(out: Path) -> list[str]:
     lines = (out / "seed0" / "data" / "classes.txt").read_text().splitlines()
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_one_seed_has_no_spread():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import demo_seeds
+
+    one, two = demo_seeds.mean_std([57.25]), demo_seeds.mean_std([57.25, 59.25])
+    assert one["std"] is None and demo_seeds.spread(one) == "57.2" and demo_seeds.spread(one, "+") == "+57.2"
+    assert two["std"] == pytest.approx(np.std([57.25, 59.25], ddof=1))
+    assert demo_seeds.spread(two) == f"58.2 ± {np.std([57.25, 59.25], ddof=1):.1f}"
+    assert "ci95" not in demo_seeds.paired_gain([1.0], [0.5])
