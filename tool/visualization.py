@@ -65,10 +65,8 @@ def cam_max_score(cam_file: Path, size: tuple[int, int], allow_pickle: bool = Fa
 def save_grid(path: str | Path, column_titles: Sequence[str], rows: Sequence[Sequence[np.ndarray]],
               captions: Sequence[Sequence[str]] | None = None, panel_inches: float = 1.9) -> None:
     """Panels (``(H, W, 3)`` uint8 each) in a grid with a title over each column and an optional
-    caption under each panel, written as a PNG atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    caption under each panel, written as an RGB PNG atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     num_cols = len(column_titles)
@@ -87,8 +85,11 @@ def save_grid(path: str | Path, column_titles: Sequence[str], rows: Sequence[Seq
             if captions is not None and captions[r][c]:
                 ax.set_xlabel(captions[r][c], fontsize=8)
     fig.tight_layout()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    picture = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])  # opaque: the alpha is 255
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        picture.save(tmp, format="PNG")
 
 
 def run(args: argparse.Namespace) -> Path:
