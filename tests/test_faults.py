@@ -130,6 +130,14 @@ def alive(pid: int) -> bool:
     return not (status.is_file() and "State:\tZ" in status.read_text())
 
 
+def all_gone(pids: list[int] | set[int], seconds: float) -> bool:
+    """Whether every one of ``pids`` has exited within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(alive(p) for p in pids)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_crf_workers_die_with_their_parent(tmp_path, signum):
@@ -143,10 +151,7 @@ def test_crf_workers_die_with_their_parent(tmp_path, signum):
         assert workers and all(alive(p) for p in workers)
         parent.send_signal(signum)
         parent.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        while any(alive(p) for p in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(p) for p in workers)
+        assert all_gone(workers, 20)
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -16,7 +16,7 @@ import torch
 
 from coco14.synthetic import make_synthetic_coco
 from network import resnet38_sb
-from tests.test_faults import TRAIN, alive, one_line
+from tests.test_faults import TRAIN, alive, all_gone, one_line
 from voc12.classes import load_classes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,10 +91,7 @@ def test_workers_die_with_their_parent(voc, tmp_path, name):
         assert len(workers) >= 2, (tmp_path / "stderr.txt").read_text()[-3000:]
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in workers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(alive(p) for p in workers)
+        assert all_gone(workers, 10)
     finally:
         if parent.poll() is None:
             parent.kill()
