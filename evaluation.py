@@ -48,6 +48,7 @@ from tool.iou import (
     JointCounter,
     cam_labels,
     confusion_from_joint,
+    crf_labels,
     curve_confusions,
     curve_histogram,
     iou_from_confusion,
@@ -125,9 +126,7 @@ def _prediction(setup: EvalSetup, name: str, gt: np.ndarray) -> tuple[np.ndarray
     if labels.size and (labels.min() < 0 or labels.max() >= setup.num_classes):
         raise InputError(f"{path} holds labels {labels.tolist()} outside 0..{setup.num_classes - 1}")
     if 0 in labels:
-        # A CRF file: background included, plain argmax (ties to the lowest label).
-        order = np.argsort(labels, kind="stable")
-        return labels[order][scores[order].argmax(axis=0)].astype(np.uint8), None
+        return crf_labels(labels, scores), None  # a CRF file: background included
     if setup.thresholds is None:
         raise InputError(f"{path} is a CAM without background: pass --t or --curve")
     if setup.options.bands:  # the band metrics need the label map at the (one) threshold

@@ -67,8 +67,8 @@ from tool.fileio import (
     load_scores,
     read_image,
 )
-from tool.iou import cam_labels, image_miou
-from tool.visualization import blend, colorize_label, heatmap, save_grid
+from tool.iou import cam_labels, crf_labels, image_miou
+from tool.visualization import blend, colorize_label, heatmap, max_score, save_grid
 from voc12 import sb_map
 from voc12.classes import load_classes
 from voc12.data import default_label_file
@@ -570,10 +570,9 @@ def figure_rows(out: Path, root: Path, names: list[str], num_classes: int,
             if key in ("round1_cam", "cam"):
                 labels, scores = load_scores(path / f"{name}.npz")
                 pred = cam_labels(labels, scores, cam_thresholds[f"{key}_val"])
-                panel = blend(img, heatmap(scores.max(0) if labels.size else np.zeros(gt.shape, np.float32)))
+                panel = blend(img, heatmap(max_score(labels, scores, gt.shape)))
             elif key == "crf_la":
-                labels, scores = load_scores(path / f"{name}.npz")
-                pred = labels[scores.argmax(0)].astype(np.uint8)
+                pred = crf_labels(*load_scores(path / f"{name}.npz"))
                 panel = blend(img, colorize_label(pred), 0.6)
             else:
                 pred = load_label_png(path / f"{name}.png")

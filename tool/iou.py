@@ -155,6 +155,13 @@ def cam_labels(labels: np.ndarray, scores: np.ndarray, threshold: float) -> np.n
     return np.where(best_score > np.float32(threshold), best_class, 0).astype(np.uint8).reshape(scores.shape[1:])
 
 
+def crf_labels(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The label map of a CRF score file (background among its ``labels``): the plain argmax,
+    ties to the lowest label."""
+    order = np.argsort(labels, kind="stable")
+    return labels[order][scores[order].argmax(axis=0)].astype(np.uint8)
+
+
 def image_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> float:
     """One image's mean IoU over the classes present in its ground truth or its prediction (pixels
     whose ground truth is ``ignore_index`` left out), in [0, 1]; NaN when no pixel counts."""

@@ -57,9 +57,13 @@ def cam_picture(img: torch.Tensor, cam: torch.Tensor, label: torch.Tensor) -> np
     return np.concatenate([rgb, blend(rgb, heatmap(score))], axis=1)
 
 
-def cam_max_score(cam_file: Path, size: tuple[int, int], allow_pickle: bool = False) -> np.ndarray:
-    labels, scores = load_scores(cam_file, allow_pickle=allow_pickle, released_cam=True)
+def max_score(labels: np.ndarray, scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A CAM's best class score at each pixel; zeros for an image without classes."""
     return scores.max(0) if labels.size else np.zeros(size, np.float32)
+
+
+def cam_max_score(cam_file: Path, size: tuple[int, int], allow_pickle: bool = False) -> np.ndarray:
+    return max_score(*load_scores(cam_file, allow_pickle=allow_pickle, released_cam=True), size)
 
 
 def save_grid(path: str | Path, column_titles: Sequence[str], rows: Sequence[Sequence[np.ndarray]],
