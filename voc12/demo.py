@@ -183,14 +183,14 @@ def interior(mask: np.ndarray) -> int:
     return int(binary_erosion(mask, structure=np.ones((3, 3), bool)).sum())
 
 
-def layout_ok(owner: np.ndarray, bodies: list[tuple[int, np.ndarray]]) -> bool:
-    """Every object keeps enough of its body and of its mark visible, and enough pixels away from
-    its outline."""
-    for i, (area, mark) in enumerate(bodies):
+def layout_ok(owner: np.ndarray, bodies: list[dict]) -> bool:
+    """Every object (``owner`` value i: ``bodies[i]``, its full ``area`` and its ``mark``) keeps
+    enough of its body and of its mark visible, and enough pixels away from its outline."""
+    for i, body in enumerate(bodies):
         visible = owner == i
-        if visible.sum() < MIN_VISIBLE * area or interior(visible) < MIN_INTERIOR:
+        if visible.sum() < MIN_VISIBLE * body["area"] or interior(visible) < MIN_INTERIOR:
             return False
-        if (visible & mark).sum() < MIN_MARK_VISIBLE * mark.sum():
+        if (visible & body["mark"]).sum() < MIN_MARK_VISIBLE * body["mark"].sum():
             return False
     return True
 
@@ -258,7 +258,7 @@ def make_image(rng: np.random.Generator, size: tuple[int, int], looks: list[Appe
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     side = min(h, w)
     owner = np.full(size, -1, dtype=np.int64)
-    objects, placed = [], []
+    objects = []
     for _ in range(int(rng.choice(layout.counts, p=layout.odds))):
         for _ in range(MAX_TRIES):
             body = random_body(rng, h, w, layout)
@@ -268,10 +268,10 @@ def make_image(rng: np.random.Generator, size: tuple[int, int], looks: list[Appe
             mark = mark_mask(u, v, body["mark_angle"]) & mask
             trial = owner.copy()
             trial[mask] = len(objects)
-            if mark.any() and layout_ok(trial, placed + [(int(mask.sum()), mark)]):
+            body.update(u=u, v=v, mark=mark, area=int(mask.sum()))  # kept for painting
+            if mark.any() and layout_ok(trial, objects + [body]):
                 owner = trial
                 objects.append(body)
-                placed.append((int(mask.sum()), mark))
                 break
         else:
             if not objects:
@@ -286,10 +286,9 @@ def make_image(rng: np.random.Generator, size: tuple[int, int], looks: list[Appe
         u, v = object_frame(ys, xs, *blank["frame"])
         paint_body(canvas, body_mask(u, v, blank["harmonics"]) & (owner < 0), blank["colour"], u, v, rng)
     for i, obj in enumerate(objects):
-        u, v = object_frame(ys, xs, *obj["frame"])
-        visible = owner == i
-        paint_body(canvas, visible, obj["colour"], u, v, rng)
-        paint_mark(canvas, visible & mark_mask(u, v, obj["mark_angle"]), looks[obj["cls"]], u, v, rng)
+        visible = owner == i  # within the body, so within it the mark is obj["mark"]
+        paint_body(canvas, visible, obj["colour"], obj["u"], obj["v"], rng)
+        paint_mark(canvas, visible & obj["mark"], looks[obj["cls"]], obj["u"], obj["v"], rng)
     canvas *= 0.85 + 0.3 * smooth_noise(rng, size, 3)  # uneven illumination
     canvas = canvas * 255 + rng.normal(0, 5, size=canvas.shape)
     img = np.clip(canvas, 0, 255).astype(np.uint8)
@@ -308,7 +307,7 @@ def make_image(rng: np.random.Generator, size: tuple[int, int], looks: list[Appe
         touches_border = visible[0].any() or visible[-1].any() or visible[:, 0].any() or visible[:, -1].any()
         small = max(box[2] - box[0], box[3] - box[1]) < 0.15 * side
         annotations.append({"cls": obj["cls"], "box": box, "truncated": int(touches_border),
-                            "difficult": int(small or visible.sum() < 0.6 * placed[i][0])})
+                            "difficult": int(small or visible.sum() < 0.6 * obj["area"])})
     return img, label, annotations
 
 
