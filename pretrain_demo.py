@@ -84,8 +84,8 @@ def recipe(args: argparse.Namespace) -> dict:
 
 def make_optimizer(net: nn.Module, args: argparse.Namespace, max_step: int) -> PolyOptimizer:
     """SGD with momentum, poly schedule; no weight decay on BatchNorm and biases."""
-    decay = [p for n, p in net.named_parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for n, p in net.named_parameters() if p.requires_grad and p.ndim <= 1]
+    decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
     return PolyOptimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0}], lr=args.lr,
                          weight_decay=args.wt_dec, max_step=max_step, momentum=args.momentum)
 
