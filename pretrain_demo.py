@@ -113,7 +113,7 @@ def train(args: argparse.Namespace, info: DistInfo) -> Path:
     dataset = VOC12ClsDataset(root / "train.txt", root, default_label_file(root / "train.txt"), classes,
                               crop_size=args.crop_size, resize_long=tuple(args.resize_long), seed=args.seed)
     # fit's flags: the session (checkpoint, final weights) lives in the work folder.
-    loop_args = argparse.Namespace(**vars(args), session_name=str(work / "classifier"), amp=False,
+    loop_args = argparse.Namespace(**vars(args), session_name=str(work / "classifier"), amp=False, deterministic=False,
                                    save_every_epoch=False, skip_bad_images=False)
     sampler, loader = make_train_loader(dataset, loop_args, info)
     net.train()

@@ -253,6 +253,25 @@ def test_check_finite_names_the_step_and_the_bad_terms():
     assert "step 17" in message and "er=nan" in message and "ecr=inf" in message and "cls" not in message
 
 
+def test_deterministic_flag_holds_for_the_loop_only(monkeypatch):
+    """--deterministic turns torch's deterministic algorithms on (warning, not stopping, at an op
+    without a deterministic CUDA kernel) with cuBLAS's fixed workspace, for the training loop only:
+    the previous setting comes back after it, also when it raises. A GPU run under it repeats bit
+    for bit (tests/test_cuda.py)."""
+    from tool.trainloop import deterministic_algorithms
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(KeyError), deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        raise KeyError
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
 def test_stop_signal_sets_a_flag_then_restores_the_handlers():
     previous = signal.getsignal(signal.SIGTERM)
     with StopSignal() as stop:

@@ -1,5 +1,7 @@
 """tool/torchutils.PolyOptimizer: the released poly schedule, its momentum quirk and resumability."""
+import argparse
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -131,3 +133,32 @@ def test_state_dict_round_trip_resumes_schedule(momentum):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert [g["lr"] for g in resumed.param_groups] == [g["lr"] for g in opt.param_groups]
     np.testing.assert_allclose(resumed.param_groups[0]["lr"], LR * (1 - 5 / MAX_STEP) ** 0.9, rtol=1e-14)
+
+
+def test_a_step_the_loss_scaler_skips_still_counts(tmp_path):
+    """With --amp the loss scaler skips an update whose scaled gradients overflow; the training loop
+    counts that step anyway (the schedule, logs, checkpoints and resume count batches), so a resumed
+    AMP run ends where an uninterrupted one does. The loop's scaler is CUDA's; the CPU's skips alike."""
+    from tool import trainloop
+    from tool.distributed import DistInfo
+
+    params = [torch.nn.Parameter(torch.ones(3, 2)) for _ in GROUPS]
+    opt = make_optimizer(params)
+    args = argparse.Namespace(amp=False, tblog_dir=None, log_every=1, session_name=str(tmp_path / "s"))
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+    session = trainloop._Session(args, info, torch.nn.Linear(1, 1), opt, logging.getLogger("test"), total=MAX_STEP,
+                                 start={})
+    session.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    # A finite loss whose gradient, scaled by 2^16, overflows float32: the update is skipped.
+    session.backward({"loss": sum(p.sum() for p in params) * 1e35})
+    assert session.step() == 1 and opt.global_step == 1
+    assert all(torch.equal(p, torch.ones(3, 2)) for p in params)
+    assert session.scaler.get_scale() == 2.0**15
+    opt.zero_grad(set_to_none=True)
+    session.backward({"loss": sum(p.sum() for p in params)})
+    assert session.step() == 2
+    # The update ran at step 1's learning rates: lr x poly(1) x multiplier, gradient 1 everywhere.
+    factor = (1 - 1 / MAX_STEP) ** 0.9
+    for p, (mult, wd) in zip(params, GROUPS, strict=True):
+        expected = 1 - LR * mult * factor * (1 + wd)
+        torch.testing.assert_close(p.detach(), torch.full((3, 2), expected), rtol=1e-6, atol=0)

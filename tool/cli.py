@@ -94,6 +94,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, session_name: str, max_ep
     g.add_argument("--resume", default=None, nargs="?", const="auto", type=str,
                    help="continue from a training checkpoint (default: SESSION_NAME.ckpt)")
     g.add_argument("--seed", default=100000, type=int)
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels: a run repeats bit for bit and a resumed one ends where an "
+                        "uninterrupted one does (slower; the CPU always does)")
     g.add_argument("--save_every_epoch", action="store_true",
                    help="also keep the weights of every epoch, SESSION_NAME_epN.pth (the released code's snapshots)")
     g.add_argument("--train_bn", action="store_true",

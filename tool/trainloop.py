@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,6 +124,25 @@ def make_train_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespac
     return sampler, loader
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """With ``enabled`` (``--deterministic``): deterministic cuDNN and cuBLAS kernels, so that a GPU
+    run repeats bit for bit and a resumed one ends where an uninterrupted one does (the CPU always
+    does). An op without a deterministic CUDA kernel warns rather than stops. The previous setting
+    is restored on exit."""
+    if not enabled:
+        yield
+        return
+    # cuBLAS is deterministic only with a fixed workspace; torch reads this when it needs one.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def _stop_everywhere(stop: StopSignal, info: DistInfo) -> bool:
     """A signal may reach the ranks one step apart: agree, or the collective ops would hang."""
     if not info.distributed:
@@ -180,9 +200,15 @@ class _Session:
         self.meter.add({k: v.item() for k, v in losses.items()})
 
     def step(self) -> int:
+        """One update through the loss scaler; return the steps counted. A step that the scaler
+        skips (float16 gradients overflowed while it finds its scale) counts too: the schedule, the
+        logs, checkpoints and resume count batches (iterations), so a resumed AMP run ends where an
+        uninterrupted one does."""
+        counted = self.optimizer.global_step + 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return self.optimizer.global_step
+        self.optimizer.global_step = counted
+        return counted
 
     def log(self, step: int, where: str, images_per_step: int) -> None:
         """Every ``--log_every`` steps: the losses averaged over the steps since and over the ranks."""
@@ -226,7 +252,7 @@ def fit(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.Module,
     session = _Session(args, info, net, optimizer, logger, total=max_step, start=start)
     start_epoch, start_batch = start["epoch"], start["batch"]
     model.train()
-    with StopSignal() as stop:
+    with StopSignal() as stop, deterministic_algorithms(args.deterministic):
         for epoch in range(start_epoch, args.max_epoches):
             first = start_batch if epoch == start_epoch else 0
             _set_position(loader, sampler, epoch, first)
@@ -296,7 +322,7 @@ def fit_iterations(*, args: argparse.Namespace, info: DistInfo, model: torch.nn.
     batches = _endless_batches(loader, sampler, start["epoch"], start["batch"])
     position = (start["epoch"], start["batch"])
     model.train()
-    with StopSignal() as stop:
+    with StopSignal() as stop, deterministic_algorithms(args.deterministic):
         bar = progress(range(optimizer.global_step, args.max_iters), info, desc="iterations",
                        total=args.max_iters, initial=optimizer.global_step)
         for _ in bar:

@@ -48,7 +48,7 @@ def fit_args(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(
         session_name=str(args.out / "tiny"), max_epoches=args.epochs, batch_size=args.batch_size,
         num_workers=args.workers, seed=args.seed, resume="auto" if args.resume else None, amp=False,
-        tblog_dir=None, log_every=1, tb_image_every=10**9, save_every_epoch=args.save_every_epoch)
+        tblog_dir=None, log_every=1, tb_image_every=10**9, save_every_epoch=args.save_every_epoch, deterministic=False)
 
 
 def wait_for_signal() -> None:
