@@ -160,7 +160,9 @@ class Net(resnet38d.Net):
         d = self.forward_as_dict(x)
         cam = self.fc8(self.dropout7(d["conv7"]))
         with torch.no_grad():
-            cam_norm = normalize_cam_for_pcm(cam.detach())
+            # Under AMP the CAM arrives in float16, where two classes can tie for a position's
+            # maximum and PCM would spread both: the normalisation decides in float32 at least.
+            cam_norm = normalize_cam_for_pcm(cam.detach().to(torch.promote_types(cam.dtype, torch.float32)))
         # PCM features do not train the backbone: conv4/conv5 are detached.
         f8_3 = F.relu(self.f8_3(d["conv4"].detach()))
         f8_4 = F.relu(self.f8_4(d["conv5"].detach()))

@@ -8,6 +8,7 @@ the normal suite, so the checking code itself is exercised on every CI run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -188,14 +189,16 @@ def check_trained(script: str, final: dict[str, torch.Tensor], init: dict[str, t
 def test_training_epoch_trains_and_resumes(script: str, device: str, mode: str, tiny_voc: Path,
                                            gt_inputs: dict[str, Path], tmp_path: Path):
     """Two epochs straight, and the same two epochs stopped mid-way and resumed from the checkpoint:
-    finite losses, frozen layers untouched, the rest trained, and the resumed run where the straight
-    one ended. On the CPU that is bit for bit; a GPU's atomic adds make it nondeterministic, so there
-    the two may differ by 1% of the distance the weights travelled (resuming without the optimiser
-    state, the CUDA RNG of dropout or the scaler, or redoing a step, moves them by far more)."""
+    finite losses, frozen layers untouched, the rest trained, and the resumed run bit for bit where
+    the straight one ended, on every device (--deterministic; on an H200 without it two straight runs
+    already differ by up to half the distance the weights travel). Under AMP the loss scaler skips
+    the first steps while it finds its scale, and they count as steps."""
     device = "cuda:0" if device == "cuda" else device
+    # On a GPU DeepLab trains 8 epochs: AMP's scaler skips more than its first 4 iterations.
+    epochs = 8 if script == "train_seg.py" and device != "cpu" else 2
     init = initial_weights(script, tiny_voc, tmp_path / "init.pth")
-    argv = train_argv(script, tiny_voc, gt_inputs, tmp_path, device, *MODES[mode], epochs=2)
-    _, steps, per_epoch = schedule(script, 2, device)
+    argv = train_argv(script, tiny_voc, gt_inputs, tmp_path, device, *MODES[mode], "--deterministic", epochs=epochs)
+    _, steps, per_epoch = schedule(script, epochs, device)
     run_in_process(script, [*argv, "--session_name", str(tmp_path / "straight")])
     # Stop in the middle of an epoch: batch 1 of epoch 2 (SB, AffinityNet; DeepLab on the CPU) or
     # batch 3 of epoch 1 (DeepLab on a GPU).
@@ -215,11 +218,7 @@ def test_training_epoch_trains_and_resumes(script: str, device: str, mode: str, 
     resumed = torch.load(tmp_path / "resumed.pth", map_location="cpu", weights_only=True)
     trained = check_trained(script, straight, init)
     check_trained(script, resumed, init)
-    drift = largest_difference(resumed, straight, trained)
-    if device == "cpu":
-        assert drift == 0
-    else:
-        assert drift <= 0.01 * largest_difference(straight, init, trained)
+    assert largest_difference(resumed, straight, trained) == 0
 
     ckpt = torch.load(tmp_path / "straight.ckpt", map_location="cpu", weights_only=True)
     scaler = ckpt["extra"]["scaler"]
@@ -325,39 +324,56 @@ def worst_error(ours: list[np.ndarray], reference: list[np.ndarray]) -> float:
     return max(float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(ours, reference, strict=True))
 
 
-def decisions_agree(ours: np.ndarray, reference: np.ndarray, margin: float) -> bool:
-    """Same argmax over channels wherever the reference's two best channels are ``margin`` apart."""
-    top2 = np.sort(reference, axis=0)[-2:]
-    clear = (top2[1] - top2[0]) > margin * np.abs(reference).max()
-    return bool((ours.argmax(0) == reference.argmax(0))[clear].all())
-
-
 # Tolerances of GPU against CPU. Strict float32: the GPU sums in another order (and cuDNN may use
 # Winograd or FFT convolutions), so it may err up to 100x as much as the CPU's float32 does against
-# float64, plus 1e-6 of the range. Default TF32 convolutions and AMP round to 10 mantissa bits
-# (unit roundoff 2^-11 = 4.9e-4) through ~40 layers and a min-max normalisation: 5% of the range,
-# and every pixel whose two best classes are more than 5% apart must keep its class. The last bound
-# is reasoned, not yet calibrated on a GPU.
-FP32_FACTOR, FP32_FLOOR, LOW_PRECISION_TOL = 100.0, 1e-6, 0.05
+# float64, plus 1e-6 of the range. TF32 convolutions (torch's default for float32 on a GPU) and AMP
+# round to 10 mantissa bits; how far that moves an output depends on the network (a random
+# ResNet-101 amplifies it to 25% of its probabilities), so the bound is measured: the CPU runs a copy
+# whose convolutions round the same way (:func:`rounded_copy`), and the GPU may err up to 3x as
+# much. On an H200 (torch 2.11) every case came within 1.35x of its emulation once the SB network
+# decided PCM's class maxima in float32 (in float16 AMP's CAMs erred 37x as much, as did the CPU's
+# float16 autocast).
+FP32_FACTOR, FP32_FLOOR, LOW_PRECISION_FACTOR = 100.0, 1e-6, 3.0
 
 
-def check_against_cpu(run, device: str) -> None:
-    """``run(model_dtype, device, amp, layout)`` -> list of outputs; compare the device's with the
-    CPU's, float64 being the reference."""
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to 10 mantissa bits (TF32's and float16's), to nearest."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def rounded_copy(net: torch.nn.Module, float16_outputs: bool) -> torch.nn.Module:
+    """A float32 CPU copy of ``net`` whose convolutions round their weights and inputs as TF32 does
+    and, with ``float16_outputs``, their outputs to float16 as AMP does."""
+    net = copy.deepcopy(net).to("cpu", torch.float32)
+    for conv in [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]:
+        conv.weight.data = round_to_tf32(conv.weight.data)
+        conv.register_forward_pre_hook(lambda module, args: (round_to_tf32(args[0]), *args[1:]))
+        if float16_outputs:
+            conv.register_forward_hook(lambda module, args, out: out.half().float())
+    return net
+
+
+def check_against_cpu(net: torch.nn.Module, run, device: str) -> None:
+    """``run(model, model_dtype, device, amp, layout)`` -> list of outputs; compare the device's with
+    the CPU's, float64 being the reference: strict float32, then the low precisions against the
+    CPU's emulation of their rounding: on a GPU TF32 and AMP in both layouts, on the CPU its float16
+    autocast, which runs the networks' AMP code (the scripts' --amp is CUDA's)."""
     cpu = torch.device("cpu")
-    reference = run(torch.float64, cpu, False, torch.contiguous_format)
-    cpu32 = run(torch.float32, cpu, False, torch.contiguous_format)
+    reference = run(net, torch.float64, cpu, False, torch.contiguous_format)
+    cpu32 = run(net, torch.float32, cpu, False, torch.contiguous_format)
     device = torch.device(device)
     with strict_fp32():
-        strict = run(torch.float32, device, False, torch.contiguous_format)
+        strict = run(net, torch.float32, device, False, torch.contiguous_format)
     assert worst_error(strict, reference) <= FP32_FACTOR * worst_error(cpu32, reference) + FP32_FLOOR
-    low_precision = [run(torch.float32, device, False, torch.channels_last if device.type == "cuda" else
-                         torch.contiguous_format), run(torch.float32, device, device.type == "cuda",
-                                                       torch.contiguous_format)]
-    for outputs in low_precision:
-        assert worst_error(outputs, reference) <= LOW_PRECISION_TOL
-        for ours, ref in zip(outputs, reference, strict=True):
-            assert decisions_agree(ours, ref, LOW_PRECISION_TOL)
+    layouts = (torch.contiguous_format, torch.channels_last)
+    modes = [(amp, layout) for amp in (False, True) for layout in layouts] if device.type == "cuda" else \
+        [(True, torch.contiguous_format)]
+    emulated = {amp: worst_error(run(rounded_copy(net, amp), torch.float32, cpu, False, torch.contiguous_format),
+                                 reference) for amp in {amp for amp, _ in modes}}
+    for amp, layout in modes:
+        outputs = run(net, torch.float32, device, amp, layout)
+        assert worst_error(outputs, reference) <= LOW_PRECISION_FACTOR * emulated[amp] + FP32_FLOOR, (amp, layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -370,15 +386,15 @@ def test_multiscale_cams_match_the_cpu(device: str, tiny_voc: Path):
     torch.manual_seed(0)
     net = resnet38_sb.Net(num_classes=classes.num_classes, width=WIDTH).eval()
 
-    def run(dtype, dev, amp, layout) -> list[np.ndarray]:
-        model = net.to(dev, dtype, memory_format=layout)
-        with torch.autocast(dev.type, enabled=amp):
+    def run(model, dtype, dev, amp, layout) -> list[np.ndarray]:
+        model = model.to(dev, dtype, memory_format=layout)
+        with torch.autocast(dev.type, torch.float16, enabled=amp):
             cams = [infer_SB.multiscale_cam(model, [v.to(dtype) for v in p["img"]], p["label"], p["size"], dev,
                                             layout) for p in packs]
         # The out_cam_pred decision: background at 0.26 against the classes.
         return [np.concatenate([np.full((1, *c.shape[1:]), 0.26, np.float32), c]) for c in cams]
 
-    check_against_cpu(run, device)
+    check_against_cpu(net, run, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -390,15 +406,15 @@ def test_random_walk_matches_the_cpu(device: str, tiny_voc: Path):
     torch.manual_seed(0)
     net = resnet38_aff.Net(width=WIDTH).eval()
 
-    def run(dtype, dev, amp, layout) -> list[np.ndarray]:
-        model = net.to(dev, dtype, memory_format=layout)
+    def run(model, dtype, dev, amp, layout) -> list[np.ndarray]:
+        model = model.to(dev, dtype, memory_format=layout)
         args = infer_aff.get_arg_parser().parse_args(["--weights", "-", "--cam_dir", "-"])
         args.amp, args.channels_last = amp, layout == torch.channels_last
         return [infer_aff.random_walk(model, img.to(dtype), s.astype(np.float64 if dtype == torch.float64 else
                                                                       np.float32), args, dev).cpu().numpy()
                 for img, s in zip(imgs, scores, strict=True)]
 
-    check_against_cpu(run, device)
+    check_against_cpu(net, run, device)
 
 
 @torch.no_grad()
@@ -426,9 +442,10 @@ SEG_CASES = [("resnet38", "cpu"), pytest.param("resnet38", "cuda", marks=[pytest
 
 @pytest.mark.parametrize("backbone,device", SEG_CASES)
 def test_segmentation_matches_the_cpu(backbone: str, device: str, tiny_voc: Path):
-    """infer_seg.predict_probs (two scales and the flip, softmax of the averaged logits) and its
-    labels: the tiny DeepLab-v1 ResNet-38 everywhere, the paper's DeepLab-v2 ResNet-101 MSC on a GPU
-    only (its float64 CPU reference takes too long for the normal suite)."""
+    """infer_seg.predict_probs (two scales and the flip, softmax of the averaged logits): the tiny
+    DeepLab-v1 ResNet-38 everywhere, the paper's DeepLab-v2 ResNet-101 MSC on a GPU only (its float64
+    CPU reference takes too long for the normal suite). A pixel whose two best probabilities lie
+    more than twice the error bound apart keeps its label."""
     classes = load_classes(tiny_voc / "classes.txt")
     dataset = VOC12ImageDataset(tiny_voc / "train.txt", tiny_voc)
     normalize = segmentation.input_normalizer(backbone, None)
@@ -438,9 +455,9 @@ def test_segmentation_matches_the_cpu(backbone: str, device: str, tiny_voc: Path
     calibrate(net, imgs[0])
     assert len(np.unique(infer_seg.predict_probs(net, imgs[0], [1.0], False, torch.device("cpu")).argmax(0))) >= 5
 
-    def run(dtype, dev, amp, layout) -> list[np.ndarray]:
-        model = net.to(dev, dtype, memory_format=layout)
-        with torch.autocast(dev.type, enabled=amp):
+    def run(model, dtype, dev, amp, layout) -> list[np.ndarray]:
+        model = model.to(dev, dtype, memory_format=layout)
+        with torch.autocast(dev.type, torch.float16, enabled=amp):
             return [infer_seg.predict_probs(model, img.to(dtype), [1.0, 0.75], True, dev, layout) for img in imgs]
 
-    check_against_cpu(run, device)
+    check_against_cpu(net, run, device)
