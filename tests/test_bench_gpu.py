@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,15 +39,29 @@ def test_bench_gpu_writes_its_table_on_cpu(tmp_path: Path):
     assert [(stage, batch, mode.strip()) for stage, batch, mode, _ in train] == [
         (stage, batch, mode) for stage, batch in stages.items() for mode in modes]
     assert all(float(rate) > 0 for *_, rate in train)
-    infer = re.findall(r"^\| (released|ours)[^|]*\| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|", text, re.M)
+    infer = re.findall(r"^\| (released|ours)[^|]*\| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \| (\d+) \|", text,
+                       re.M)
     assert [m for m, *_ in infer] == ["released", "ours", "ours", "ours"]
-    # The released per-view loop, re-implemented in the bench, and ours compute the same CAM.
-    assert all(float(diff) < 1e-5 for *_, diff in infer)
+    # The released per-view loop, re-implemented in the bench, and ours compute the same CAM; each
+    # of the image's two classes has its minimum on the floor.
+    assert all(float(diff) < 1e-5 and int(floor) >= 2 for *_, diff, floor in infer)
     assert "## DeepLab-v1 ResNet-38 inference (infer_seg.py, one 24x32 image" in text
     seg = re.findall(r"^\| (fp32|AMP[^|]*) \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|", text, re.M)
     assert [m.strip() for m, *_ in seg] == list(modes) and all(float(r) > 0 for _, r, *_ in seg)
     # Off CUDA every mode is float32 and contiguous: the same probabilities.
     assert all(float(diff) == 0 for *_, diff in seg)
+
+
+def test_off_floor_difference_leaves_out_a_moved_minimum():
+    """Rounding that moves a class's minimum pixel moves it by the whole released floor; the bench's
+    CAM difference is taken off the floor, and counts the pixels it left out."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_gpu
+
+    released = np.array([[[-4.0, 0.5, 1.0], [0.2, 0.3, 0.7]]])
+    moved = np.array([[[0.0, 0.5, 1.001], [0.2, -4.0, 0.7]]])  # the minimum moved; one other pixel off by 1e-3
+    assert bench_gpu.off_floor_difference(moved, released) == (pytest.approx(0.001), 2)
+    assert bench_gpu.off_floor_difference(released, released) == (0.0, 1)
 
 
 def test_memory_estimate_extrapolates_a_measured_forward():
