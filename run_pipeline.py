@@ -83,8 +83,8 @@ SPLITS = ("train", "val")
 DEMO_BACKBONE = Path(__file__).resolve().parent / "voc12" / "demo_backbone.pth"
 DEMO = {
     "num_train": 160, "num_val": 60, "image_size": 160, "backbone_width": 0.125, "batch_size": 8,
-    "num_classes": 5, "rw_alpha": 4, "rw_logt": 4, "round1_epoches": 15, "sb_epoches": 15, "aff_epoches": 8,
-    "num_workers": 1, "smooth_weight": 0.1,
+    "num_classes": 5, "rw_alpha": 6, "rw_logt": 4, "round1_epoches": 15, "sb_epoches": 15, "aff_epoches": 16,
+    "num_workers": 1, "smooth_weight": 0.1, "aff_momentum": 0.9,
     # DeepLab-v1 on the narrow ResNet-38 (SEAM's codebase: lr 1e-3), 300 iterations of 8 crops; its
     # head's BatchNorm momentum scaled with the iterations (3e-4 over 20,000).
     "seg_iters": 300, "seg_lr": 0.001, "seg_batch_size": 8, "seg_iter_size": 1, "seg_head_bn_momentum": 0.02,
@@ -128,6 +128,7 @@ class Config:
     seed: int | None = None
     epochs: dict[str, int | None] = field(default_factory=dict)  # by stage: round1, sb, aff
     smooth_weight: float | None = None
+    aff_momentum: float | None = None  # AffinityNet's SGD momentum (None: the released quirk)
     rw_alpha: float | None = None
     rw_logt: int | None = None
     seg: SegConfig = field(default_factory=SegConfig)
@@ -254,7 +255,7 @@ def build_stages(cfg: Config) -> list[Stage]:
             cmd(infer_SB, common + flags(weights=sb + ".pth", infer_list=lst, out_cam=out / f"cam_{split}",
                                          out_crf=crf[split]), "infer") for split, lst in infer_lists.items())),
         Stage("aff", (cmd(train_aff, train + flags(weights=cfg.weights, max_epoches=cfg.epochs.get("aff"),
-                                                   session_name=aff,
+                                                   session_name=aff, momentum=cfg.aff_momentum,
                                                    la_crf_dir=infer_SB.crf_dir(crf["train"], LA),
                                                    ha_crf_dir=infer_SB.crf_dir(crf["train"], HA)), "train"),)),
         Stage("infer_aff", tuple(
@@ -662,8 +663,9 @@ def make_config(args: argparse.Namespace) -> Config:
         train_list=str(root / "train.txt"), eval_lists={split: str(root / f"{split}.txt") for split in SPLITS},
         device=args.device, seed=args.seed,
         epochs={k: v if v is not None else demo_epochs[k] for k, v in epochs.items()},
-        smooth_weight=DEMO["smooth_weight"],
-        # 20x20 feature maps, not VOC's 63x47: a shorter walk with a larger background share.
+        smooth_weight=DEMO["smooth_weight"], aff_momentum=DEMO["aff_momentum"],
+        # 20x20 feature maps, not VOC's 63x47: a shorter walk. AffinityNet gets real momentum: with the
+        # released quirk's 5e-4 its 160 steps leave same-class pairs near chance (bench/DEMO.md).
         rw_alpha=DEMO["rw_alpha"], rw_logt=DEMO["rw_logt"],
         seg=SegConfig(backbone="resnet38", **{**seg_options, "iters": args.seg_iters or max(
                           1, round(DEMO["seg_iters"] * args.demo_scale))},
