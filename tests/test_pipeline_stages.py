@@ -105,10 +105,10 @@ def test_first_run_runs_every_stage_and_records_every_folder(first):
         assert float(biou) == round(results["metrics"][key]["val"]["biou"]["mean"], 1)
     assert set(results["cam_threshold"]) == {f"{key}_{split}" for key in ("round1_cam", "cam")
                                              for split in ("train", "val")}
-    # DeepLab-v1 on the narrow ResNet-38 labels every image of the lists; its CRF sees the real image.
     # The demo's AffinityNet trains with real momentum, its walk with the demo's alpha and logt.
     assert re.search(r"\$ python train_aff.py .*--momentum 0.9 ", first["stdout"])
     assert re.search(r"\$ python infer_aff.py .*--alpha 6 --logt 4 ", first["stdout"])
+    # DeepLab-v1 on the narrow ResNet-38 labels every image of the lists; its CRF sees the real image.
     seg = json.loads(first["records"]["seg_crf_val"])
     assert seg["seg_backbone"] == "resnet38" and seg["crf_image"] == "rgb"
     assert len(list((first["out"] / "seg_train").glob("*.png"))) == len(list((first["out"] / "rw_train").glob("*.png")))
