@@ -663,9 +663,11 @@ def make_config(args: argparse.Namespace) -> Config:
         train_list=str(root / "train.txt"), eval_lists={split: str(root / f"{split}.txt") for split in SPLITS},
         device=args.device, seed=args.seed,
         epochs={k: v if v is not None else demo_epochs[k] for k, v in epochs.items()},
-        smooth_weight=DEMO["smooth_weight"], aff_momentum=DEMO["aff_momentum"],
-        # 20x20 feature maps, not VOC's 63x47: a shorter walk. AffinityNet gets real momentum: with the
-        # released quirk's 5e-4 its loss on same-class pairs stays near chance (bench/DEMO.md).
+        smooth_weight=DEMO["smooth_weight"],
+        # AffinityNet gets real momentum: with the released quirk's 5e-4 its loss on same-class pairs
+        # stays near chance (bench/DEMO.md).
+        aff_momentum=DEMO["aff_momentum"],
+        # 20x20 feature maps, not VOC's 63x47: a shorter walk.
         rw_alpha=DEMO["rw_alpha"], rw_logt=DEMO["rw_logt"],
         seg=SegConfig(backbone="resnet38", **{**seg_options, "iters": args.seg_iters or max(
                           1, round(DEMO["seg_iters"] * args.demo_scale))},
