@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 from skimage import data, transform
 
 from tool.crf import background_score, crf_inference, crf_with_alpha
@@ -30,6 +31,15 @@ def test_snaps_to_the_region_edges():
     q = crf_inference(img, probs)
     after = np.mean((q.argmax(0) == 1) == mask)
     assert before < 0.85 and after > 0.99
+
+
+def test_takes_a_read_only_image(coffee):
+    """np.asarray of a PIL image is read-only; pydensecrf wants a writable buffer."""
+    read_only = np.asarray(Image.fromarray(coffee))
+    assert not read_only.flags.writeable
+    probs = np.random.default_rng(3).random((3, *coffee.shape[:2])).astype(np.float32)
+    np.testing.assert_array_equal(crf_inference(read_only, probs), crf_inference(coffee.copy(), probs))
+    assert not read_only.flags.writeable
 
 
 def label_changes(label: np.ndarray) -> int:

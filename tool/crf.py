@@ -30,7 +30,9 @@ def crf_inference(img: np.ndarray, probs: np.ndarray, t: int = 10, scale_factor:
     crf = dcrf.DenseCRF2D(w, h, num_labels)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
     crf.addPairwiseGaussian(sxy=gauss_sxy / scale_factor, compat=gauss_compat)
-    crf.addPairwiseBilateral(sxy=bilateral_sxy / scale_factor, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(img),
+    # pydensecrf takes the image as a writable buffer: a read-only one (np.asarray of a PIL image) is copied.
+    rgbim = np.require(img, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    crf.addPairwiseBilateral(sxy=bilateral_sxy / scale_factor, srgb=bilateral_srgb, rgbim=rgbim,
                              compat=bilateral_compat)
     return np.array(crf.inference(t), dtype=np.float32).reshape(num_labels, h, w)
 
