@@ -105,9 +105,10 @@ def test_first_run_runs_every_stage_and_records_every_folder(first):
         assert float(biou) == round(results["metrics"][key]["val"]["biou"]["mean"], 1)
     assert set(results["cam_threshold"]) == {f"{key}_{split}" for key in ("round1_cam", "cam")
                                              for split in ("train", "val")}
-    # The demo's AffinityNet trains with real momentum, its walk with the demo's alpha and logt.
-    assert re.search(r"\$ python train_aff.py .*--momentum 0.9 ", first["stdout"])
-    assert re.search(r"\$ python infer_aff.py .*--alpha 6 --logt 4 ", first["stdout"])
+    # The demo's AffinityNet trains with real momentum, lr 0.05 and radius 3; its walk has the same
+    # radius and the demo's alpha and logt.
+    assert re.search(r"\$ python train_aff.py .*--lr 0.05 --momentum 0.9 --radius 3 ", first["stdout"])
+    assert re.search(r"\$ python infer_aff.py .*--radius 3 --alpha 6 --logt 6 ", first["stdout"])
     # DeepLab-v1 on the narrow ResNet-38 labels every image of the lists; its CRF sees the real image.
     seg = json.loads(first["records"]["seg_crf_val"])
     assert seg["seg_backbone"] == "resnet38" and seg["crf_image"] == "rgb"
@@ -273,7 +274,10 @@ def test_real_data_chain_runs_small_and_hints_only_its_own_flags(tiny_voc, tmp_p
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert ran(result.stdout) == list(run_pipeline.STAGES) and "DeepLab + CRF" in result.stdout
     train_aff = re.search(r"^\$ python train_aff.py .*$", result.stdout, re.M).group()
-    assert "--momentum" not in train_aff  # real data: the released optimiser, quirk included
+    # Real data: the released optimiser (quirk included), lr and radius.
+    assert not {"--momentum", "--lr", "--radius"} & set(train_aff.split())
+    infer_aff = re.search(r"^\$ python infer_aff.py .*$", result.stdout, re.M).group()
+    assert "--radius" not in infer_aff.split()
     assert re.search(r"\$ python train_seg.py .*--seg_backbone resnet38 --backbone_width 0.125 .*"
                      r"--label_dir \S+rw_train .*--weights \S+narrow.pth", result.stdout)
 
