@@ -73,7 +73,7 @@ from voc12 import sb_map
 from voc12.classes import load_classes
 from voc12.data import default_label_file
 
-LA, HA = infer_SB.CRF_ALPHAS  # low and high background powers of the CRF outputs
+LA, HA = infer_SB.CRF_ALPHAS  # the released low and high background powers of the CRF outputs
 STAGES = ("round1", "sb_map", "sb", "infer_sb", "aff", "infer_aff", "seg", "infer_seg", "eval")
 STATE_FILE = "stages.json"
 SPLITS = ("train", "val")
@@ -85,6 +85,7 @@ DEMO = {
     "num_train": 160, "num_val": 60, "image_size": 160, "backbone_width": 0.125, "batch_size": 8,
     "num_classes": 5, "rw_alpha": 6, "rw_logt": 6, "round1_epoches": 15, "sb_epoches": 15, "aff_epoches": 16,
     "num_workers": 1, "smooth_weight": 0.1, "aff_momentum": 0.9, "aff_lr": 0.05, "aff_radius": 3,
+    "la_alpha": 12,
     # DeepLab-v1 on the narrow ResNet-38 (SEAM's codebase: lr 1e-3), 300 iterations of 8 crops; its
     # head's BatchNorm momentum scaled with the iterations (3e-4 over 20,000).
     "seg_iters": 300, "seg_lr": 0.001, "seg_batch_size": 8, "seg_iter_size": 1, "seg_head_bn_momentum": 0.02,
@@ -131,6 +132,9 @@ class Config:
     aff_momentum: float | None = None  # AffinityNet's SGD momentum (None: the released quirk)
     aff_lr: float | None = None
     aff_radius: int | None = None  # AffinityNet's pair radius, in training and in the walk
+    # The SB step's CRF background powers (la, ha): AffinityNet's labels and the table's CRF rows.
+    # Round 1's CRF, which gives the boundary maps, keeps the released ones.
+    crf_alphas: tuple[float, float] = (LA, HA)
     rw_alpha: float | None = None
     rw_logt: int | None = None
     seg: SegConfig = field(default_factory=SegConfig)
@@ -171,6 +175,18 @@ class Command:
         print(f"\n$ {self.line()} {' '.join(argv)}", flush=True)
         return self.module.run(self.module.get_arg_parser().parse_args(argv))
 
+    def crf_alphas(self) -> tuple[float, ...]:
+        """The background powers of the CRF outputs this command writes (``--crf_alphas``)."""
+        if "--crf_alphas" not in self.argv:
+            return infer_SB.CRF_ALPHAS
+        first = self.argv.index("--crf_alphas") + 1
+        values = []
+        for value in self.argv[first:]:
+            if value.startswith("--"):
+                break
+            values.append(float(value))
+        return tuple(values)
+
     def session(self) -> Path:
         return Path(self.argv[self.argv.index("--session_name") + 1])
 
@@ -181,7 +197,7 @@ class Command:
             if flag in OUTPUT_FOLDER_FLAGS:
                 found.append(Path(value))
             elif flag == "--out_crf":
-                found += [infer_SB.crf_dir(value, alpha) for alpha in infer_SB.CRF_ALPHAS]
+                found += [infer_SB.crf_dir(value, alpha) for alpha in self.crf_alphas()]
             elif flag == "--session_name":
                 found.append(Path(f"{value}.pth"))
         return found
@@ -216,6 +232,8 @@ def build_stages(cfg: Config) -> list[Stage]:
     sb_train = train + flags(resize_long=cfg.resize_long)
     r1, sb, aff = (str(out / name) for name in ("round1", "sb", "aff"))
     crf = {split: str(out / f"crf_{split}") for split in SPLITS}
+    la, ha = cfg.crf_alphas
+    crf_alphas = cfg.crf_alphas if cfg.crf_alphas != (LA, HA) else None  # the released ones: infer_SB's default
     infer_lists = {"train": cfg.train_list, "val": cfg.eval_lists["val"]}
     # DeepLab: real data trains DeepLab-v2 from --seg_weights; the demo the narrow ResNet-38
     # DeepLab-v1 from the pretrained backbone.
@@ -255,12 +273,13 @@ def build_stages(cfg: Config) -> list[Stage]:
         # CRFs), so that the train split evaluated below is a subset of it.
         Stage("infer_sb", tuple(
             cmd(infer_SB, common + flags(weights=sb + ".pth", infer_list=lst, out_cam=out / f"cam_{split}",
-                                         out_crf=crf[split]), "infer") for split, lst in infer_lists.items())),
+                                         out_crf=crf[split], crf_alphas=crf_alphas), "infer")
+            for split, lst in infer_lists.items())),
         Stage("aff", (cmd(train_aff, train + flags(weights=cfg.weights, max_epoches=cfg.epochs.get("aff"),
                                                    session_name=aff, lr=cfg.aff_lr, momentum=cfg.aff_momentum,
                                                    radius=cfg.aff_radius,
-                                                   la_crf_dir=infer_SB.crf_dir(crf["train"], LA),
-                                                   ha_crf_dir=infer_SB.crf_dir(crf["train"], HA)), "train"),)),
+                                                   la_crf_dir=infer_SB.crf_dir(crf["train"], la),
+                                                   ha_crf_dir=infer_SB.crf_dir(crf["train"], ha)), "train"),)),
         Stage("infer_aff", tuple(
             cmd(infer_aff, common + flags(radius=cfg.aff_radius, alpha=cfg.rw_alpha, logt=cfg.rw_logt,
                                           weights=aff + ".pth",
@@ -276,25 +295,33 @@ def build_stages(cfg: Config) -> list[Stage]:
     ]
 
 
-# What the table shows: its row, the folder evaluated (by split) and how.
-EVALUATED = (
-    ("round1_cam", "round1_cam_{}", ["--type", "npz", "--curve", "True"]),
-    ("cam", "cam_{}", ["--type", "npz", "--curve", "True"]),
-    ("crf_la", f"crf_{{}}_{LA:.1f}", ["--type", "npz"]),
-    ("crf_ha", f"crf_{{}}_{HA:.1f}", ["--type", "npz"]),
-    ("rw", "rw_{}", ["--type", "png"]),
-    ("seg", "seg_{}", ["--type", "png"]),
-    ("seg_crf", "seg_crf_{}", ["--type", "png"]),
-)
+def evaluated(cfg: Config) -> tuple[tuple[str, str, list[str]], ...]:
+    """What the table shows: its row, the folder evaluated (by split) and how."""
+    la, ha = cfg.crf_alphas
+    return (
+        ("round1_cam", "round1_cam_{}", ["--type", "npz", "--curve", "True"]),
+        ("cam", "cam_{}", ["--type", "npz", "--curve", "True"]),
+        ("crf_la", f"crf_{{}}_{la:.1f}", ["--type", "npz"]),
+        ("crf_ha", f"crf_{{}}_{ha:.1f}", ["--type", "npz"]),
+        ("rw", "rw_{}", ["--type", "png"]),
+        ("seg", "seg_{}", ["--type", "png"]),
+        ("seg_crf", "seg_crf_{}", ["--type", "png"]),
+    )
+
+
 EVAL_METRICS = ",".join(evaluation.METRICS)  # every metric, on every row
-TITLES = {"round1_cam": "SEAM baseline CAM (round 1)", "cam": "SB CAM", "crf_la": f"CRF la (alpha {LA})",
-          "crf_ha": f"CRF ha (alpha {HA})", "rw": "random walk", "seg": "DeepLab", "seg_crf": "DeepLab + CRF"}
+
+
+def row_titles(cfg: Config) -> dict[str, str]:
+    la, ha = cfg.crf_alphas
+    return {"round1_cam": "SEAM baseline CAM (round 1)", "cam": "SB CAM", "crf_la": f"CRF la (alpha {la:g})",
+            "crf_ha": f"CRF ha (alpha {ha:g})", "rw": "random walk", "seg": "DeepLab", "seg_crf": "DeepLab + CRF"}
 
 
 def eval_commands(cfg: Config) -> list[Command]:
     commands = []
     for split, lst in cfg.eval_lists.items():
-        for key, folder, kind in EVALUATED:
+        for key, folder, kind in evaluated(cfg):
             argv = flags(list=lst, gt_dir=cfg.root / "SegmentationClass", logfile=cfg.out / "evallog.txt",
                          dataset_classes=cfg.classes_file, predict_dir=cfg.out / folder.format(split),
                          metrics=EVAL_METRICS)
@@ -506,7 +533,7 @@ def run_stages(args: argparse.Namespace, cfg: Config, tic: float) -> dict:
     if (cfg.out / "results.json").is_file() and "eval" in state.done:
         results = json.loads((cfg.out / "results.json").read_text())
         check_results(cfg, results)
-        print_table(results)
+        print_table(cfg, results)
         print("\nseconds per stage (its last run): " + ", ".join(f"{k} {v:.0f}" for k, v in state.seconds.items()))
         print(f"\nresults: {cfg.out / 'results.json'}  picture: {cfg.out / 'demo.png'}  "
               f"({time.time() - tic:.0f} s)")
@@ -517,11 +544,13 @@ def write_results(cfg: Config, outputs: list[dict], seconds: float) -> None:
     """The table's numbers (mIoU by row and split), every metric of every evaluation
     (``metrics[row][split]``: what evaluation.py returned, less the provenance hash), the
     provenance hash of every folder they were computed from and the time the run that computed
-    them took."""
-    results: dict = {key: {} for key, _, _ in EVALUATED}
+    them took, and each row's title."""
+    rows = [key for key, _, _ in evaluated(cfg)]
+    results: dict = {key: {} for key in rows}
     results["cam_threshold"], results["provenance"] = {}, {}
-    results["metrics"] = {key: {} for key, _, _ in EVALUATED}
-    pairs = [(split, key) for split in cfg.eval_lists for key, _, _ in EVALUATED]
+    results["metrics"] = {key: {} for key in rows}
+    results["titles"] = row_titles(cfg)
+    pairs = [(split, key) for split in cfg.eval_lists for key in rows]
     for (split, key), res in zip(pairs, outputs, strict=True):
         results[key][split] = res["mIoU"]
         results["metrics"][key][split] = {name: value for name, value in res.items() if name != "provenance"}
@@ -537,34 +566,36 @@ def write_results(cfg: Config, outputs: list[dict], seconds: float) -> None:
 def check_results(cfg: Config, results: dict) -> None:
     """Refuse to print numbers of folders that changed since they were evaluated."""
     for split in cfg.eval_lists:
-        for key, folder, _ in EVALUATED:
+        for key, folder, _ in evaluated(cfg):
             now = provenance.folder_digest(cfg.out / folder.format(split))
             if results["provenance"][f"{key}_{split}"] != now:
                 raise InputError(f"{cfg.out / folder.format(split)} changed after it was evaluated; "
                                  "rerun with --from eval")
 
 
-def print_table(results: dict) -> None:
+def print_table(cfg: Config, results: dict) -> None:
     """One row per stage: mIoU on train and val, mean Boundary IoU on val; CAM rows at their best
     background threshold."""
-    width = max(map(len, TITLES.values())) + 2
+    titles = row_titles(cfg)
+    width = max(map(len, titles.values())) + 2
     print(f"\n{'mIoU (%)':<{width}} train     val  bIoU val")
-    for key, _, _ in EVALUATED:
+    for key in titles:
         biou = results["metrics"][key]["val"]["biou"]["mean"]
-        print(f"{TITLES[key]:<{width}}{results[key]['train']:>6.1f}  {results[key]['val']:>6.1f}  {biou:>8.1f}")
+        print(f"{titles[key]:<{width}}{results[key]['train']:>6.1f}  {results[key]['val']:>6.1f}  {biou:>8.1f}")
 
 
 # The picture's columns after the image and its ground truth: a table row's val folder each.
 FIGURE_COLUMNS = ("round1_cam", "cam", "crf_la", "rw", "seg_crf")
 
 
-def figure_rows(out: Path, root: Path, names: list[str], num_classes: int,
+def figure_rows(cfg: Config, names: list[str], num_classes: int,
                 cam_thresholds: dict[str, float]) -> tuple[list[str], list[list[np.ndarray]], list[list[str]]]:
     """The picture of some val images: column titles, and per image its panels (image, ground
     truth, then each of FIGURE_COLUMNS) and their captions (each prediction's mIoU on that image,
     CAMs at the table's background threshold)."""
-    titles = ["image", "ground truth"] + [TITLES[key] for key in FIGURE_COLUMNS]
-    folders = {key: out / folder.format("val") for key, folder, _ in EVALUATED}
+    out, root = cfg.out, cfg.root
+    titles = ["image", "ground truth"] + [row_titles(cfg)[key] for key in FIGURE_COLUMNS]
+    folders = {key: out / folder.format("val") for key, folder, _ in evaluated(cfg)}
     rows, captions = [], []
     for name in names:
         img = read_image(root / "JPEGImages" / f"{name}.jpg")
@@ -593,7 +624,7 @@ def write_figure(cfg: Config, results: dict, count: int = 4) -> None:
     """``demo.png``: the first val images with each stage's prediction and its IoU on the image."""
     names = load_img_name_list(cfg.eval_lists["val"])[:count]
     num_classes = load_classes(cfg.classes_file).num_classes
-    save_grid(cfg.out / "demo.png", *figure_rows(cfg.out, cfg.root, names, num_classes, results["cam_threshold"]))
+    save_grid(cfg.out / "demo.png", *figure_rows(cfg, names, num_classes, results["cam_threshold"]))
 
 
 def make_dataset(args: argparse.Namespace, cfg: Config) -> None:
@@ -673,6 +704,8 @@ def make_config(args: argparse.Namespace) -> Config:
         aff_momentum=DEMO["aff_momentum"], aff_lr=DEMO["aff_lr"],
         # 20x20 feature maps, not VOC's 56x56 crops: pairs within 3, not 5; the walk takes 2^6 steps.
         aff_radius=DEMO["aff_radius"], rw_alpha=DEMO["rw_alpha"], rw_logt=DEMO["rw_logt"],
+        # The demo's CAMs are best cut near 0.2, not VOC's 0.26: la's foreground reaches further.
+        crf_alphas=(DEMO["la_alpha"], HA),
         seg=SegConfig(backbone="resnet38", **{**seg_options, "iters": args.seg_iters or max(
                           1, round(DEMO["seg_iters"] * args.demo_scale))},
                       lr=DEMO["seg_lr"], batch_size=DEMO["seg_batch_size"], iter_size=DEMO["seg_iter_size"],

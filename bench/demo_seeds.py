@@ -27,7 +27,6 @@ import benchutil
 import numpy as np
 from scipy import stats
 
-import run_pipeline
 from voc12.classes import load_classes
 
 # (stage, the stage it builds on): the gains the paper's table shows.
@@ -78,23 +77,26 @@ def row_metric(results: dict, key: str, metric: str, split: str) -> float:
 
 
 def summarise(per_seed: dict[int, dict], class_names: tuple[str, ...]) -> dict:
+    titles = next(iter(per_seed.values()))["titles"]
     rows = {key: {title: mean_std([row_metric(r, key, metric, split) for r in per_seed.values()])
-                  for title, metric, split in COLUMNS} for key, _, _ in run_pipeline.EVALUATED}
+                  for title, metric, split in COLUMNS} for key in titles}
     gains = {f"{after} - {before}": {split: paired_gain([r[after][split] for r in per_seed.values()],
                                                         [r[before][split] for r in per_seed.values()])
                                      for split in ("train", "val")} for after, before in GAINS}
     lowest = min(({"iou": r["metrics"][key][split][name], "seed": seed, "row": key, "split": split, "class": name}
-                  for seed, r in per_seed.items() for key, _, _ in run_pipeline.EVALUATED
+                  for seed, r in per_seed.items() for key in titles
                   for split in ("train", "val") for name in class_names), key=lambda item: item["iou"])
     seconds = {seed: r["seconds"] for seed, r in per_seed.items()}
-    return {"seeds": sorted(per_seed), "rows": rows, "gains": gains, "lowest_class_iou": lowest, "seconds": seconds}
+    return {"seeds": sorted(per_seed), "titles": titles, "rows": rows, "gains": gains, "lowest_class_iou": lowest,
+            "seconds": seconds}
 
 
 def markdown(summary: dict) -> str:
+    titles = summary["titles"]
     columns = list(next(iter(summary["rows"].values())))
     lines = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key, cells in summary["rows"].items():
-        lines.append(f"| {run_pipeline.TITLES[key]} | "
+        lines.append(f"| {titles[key]} | "
                      + " | ".join(spread(c) for c in cells.values()) + " |")
     lines += ["", "| gain (paired by seed) | train | val |", "|---|---|---|"]
     for name, by_split in summary["gains"].items():
@@ -103,10 +105,10 @@ def markdown(summary: dict) -> str:
         for g in by_split.values():
             noise = " (within noise)" if g.get("within_noise") else ""
             cells.append(spread(g, "+") + noise)
-        lines.append(f"| {run_pipeline.TITLES[after]} over {run_pipeline.TITLES[before]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {titles[after]} over {titles[before]} | " + " | ".join(cells) + " |")
     lowest = summary["lowest_class_iou"]
     lines += ["", f"Lowest class IoU of any row of any seed: {lowest['iou']:.1f} ({lowest['class']}, "
-                  f"{run_pipeline.TITLES[lowest['row']]}, {lowest['split']}, seed {lowest['seed']}).",
+                  f"{titles[lowest['row']]}, {lowest['split']}, seed {lowest['seed']}).",
               "", "Seconds of the run that computed each seed's numbers: "
               + ", ".join(f"seed {seed} {s:.0f}" for seed, s in summary["seconds"].items()) + "."]
     return "\n".join(lines) + "\n"

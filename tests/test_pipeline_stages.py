@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Two epochs of the first round, so that a run can be killed after its first checkpoint.
 TINY = ["--demo_scale", "0.05", "--demo_image_size", "64", "--demo_classes", "3", "--seg_iters", "2",
         "--round1_epoches", "2"]
-INFERRED = ("round1_crf_4.0", "round1_cam_train", "round1_cam_val", "cam_train", "crf_train_4.0", "crf_train_24.0",
+INFERRED = ("round1_crf_4.0", "round1_cam_train", "round1_cam_val", "cam_train", "crf_train_12.0", "crf_train_24.0",
             "cam_val", "rw_train", "rw_val", "sb_map", "seg_train", "seg_val", "seg_crf_train", "seg_crf_val")
 
 
@@ -94,8 +94,10 @@ def test_first_run_runs_every_stage_and_records_every_folder(first):
     # background threshold. results.json keeps every metric of every evaluation.
     assert first["table"].splitlines()[0].split()[-4:] == ["train", "val", "bIoU", "val"]
     rows = [line.rsplit(None, 3) for line in first["table"].splitlines()[1:]]
-    assert [row[0] for row in rows] == [run_pipeline.TITLES[key] for key, _, _ in run_pipeline.EVALUATED]
-    for (key, _, _), (_, train, val, biou) in zip(run_pipeline.EVALUATED, rows, strict=True):
+    titles = results["titles"]
+    assert list(titles) == ["round1_cam", "cam", "crf_la", "crf_ha", "rw", "seg", "seg_crf"]
+    assert [row[0] for row in rows] == list(titles.values())
+    for key, (_, train, val, biou) in zip(titles, rows, strict=True):
         assert (float(train), float(val)) == (round(results[key]["train"], 1), round(results[key]["val"], 1))
         for split in ("train", "val"):
             metrics = results["metrics"][key][split]
@@ -105,9 +107,15 @@ def test_first_run_runs_every_stage_and_records_every_folder(first):
         assert float(biou) == round(results["metrics"][key]["val"]["biou"]["mean"], 1)
     assert set(results["cam_threshold"]) == {f"{key}_{split}" for key in ("round1_cam", "cam")
                                              for split in ("train", "val")}
-    # The demo's AffinityNet trains with real momentum, lr 0.05 and radius 3; its walk has the same
-    # radius and the demo's alpha and logt.
-    assert re.search(r"\$ python train_aff.py .*--lr 0.05 --momentum 0.9 --radius 3 ", first["stdout"])
+    # The demo's AffinityNet trains with real momentum, lr 0.05 and radius 3 on la at alpha 12; its
+    # walk has the same radius and the demo's alpha and logt. Round 1's CRF (the boundary maps) keeps
+    # the released alphas.
+    assert titles["crf_la"] == "CRF la (alpha 12)" and titles["crf_ha"] == "CRF ha (alpha 24)"
+    infer_sb = re.findall(r"^\$ python infer_SB.py .*$", first["stdout"], re.M)
+    assert [("--crf_alphas 12 24" in line, "--out_crf" in line) for line in infer_sb] == [
+        (False, True), (False, False), (True, True), (True, True)]
+    assert re.search(r"\$ python train_aff.py .*--lr 0.05 --momentum 0.9 --radius 3 .*"
+                     r"--la_crf_dir \S+crf_train_12.0 --ha_crf_dir \S+crf_train_24.0", first["stdout"])
     assert re.search(r"\$ python infer_aff.py .*--radius 3 --alpha 6 --logt 6 ", first["stdout"])
     # DeepLab-v1 on the narrow ResNet-38 labels every image of the lists; its CRF sees the real image.
     seg = json.loads(first["records"]["seg_crf_val"])
@@ -127,8 +135,9 @@ def test_picture_titles_each_stage_and_gives_its_iou_on_each_image(first):
     out, data = first["out"], first["out"] / "data"
     results = json.loads((out / "results.json").read_text())
     names = load_img_name_list(data / "val.txt")[:3]
-    titles, rows, captions = run_pipeline.figure_rows(out, data, names, 4, results["cam_threshold"])
-    assert titles == ["image", "ground truth", "SEAM baseline CAM (round 1)", "SB CAM", "CRF la (alpha 4)",
+    cfg = run_pipeline.make_config(run_pipeline.get_arg_parser().parse_args([*TINY, "--out_dir", str(out)]))
+    titles, rows, captions = run_pipeline.figure_rows(cfg, names, 4, results["cam_threshold"])
+    assert titles == ["image", "ground truth", "SEAM baseline CAM (round 1)", "SB CAM", "CRF la (alpha 12)",
                       "random walk", "DeepLab + CRF"]
     for name, panels, texts in zip(names, rows, captions, strict=True):
         img = read_image(data / "JPEGImages" / f"{name}.jpg")
@@ -142,7 +151,7 @@ def test_picture_titles_each_stage_and_gives_its_iou_on_each_image(first):
             stacked = np.concatenate([np.full((1, *gt.shape), results["cam_threshold"][f"{key}_val"], np.float32),
                                       scores.astype(np.float32)])
             expected.append(np.concatenate([[0], labels])[stacked.argmax(0)])
-        labels, scores = load_scores(out / "crf_val_4.0" / f"{name}.npz")
+        labels, scores = load_scores(out / "crf_val_12.0" / f"{name}.npz")
         expected.append(labels[scores.argmax(0)])
         expected += [load_label_png(out / folder / f"{name}.png") for folder in ("rw_val", "seg_crf_val")]
         assert texts[2:] == [f"IoU {image_iou(pred, gt):.1f}" for pred in expected]
@@ -276,6 +285,8 @@ def test_real_data_chain_runs_small_and_hints_only_its_own_flags(tiny_voc, tmp_p
     train_aff = re.search(r"^\$ python train_aff.py .*$", result.stdout, re.M).group()
     # Real data: the released optimiser (quirk included), lr and radius.
     assert not {"--momentum", "--lr", "--radius"} & set(train_aff.split())
+    assert re.search(r"--la_crf_dir \S+crf_train_4.0 --ha_crf_dir \S+crf_train_24.0", train_aff)
+    assert "--crf_alphas" not in result.stdout and "CRF la (alpha 4)" in result.stdout
     infer_aff = re.search(r"^\$ python infer_aff.py .*$", result.stdout, re.M).group()
     assert "--radius" not in infer_aff.split()
     assert re.search(r"\$ python train_seg.py .*--seg_backbone resnet38 --backbone_width 0.125 .*"
