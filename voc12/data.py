@@ -211,9 +211,10 @@ def affinity_label(la_labels: np.ndarray, la_scores: np.ndarray, ha_labels: np.n
                    ha_scores: np.ndarray) -> np.ndarray:
     """The released AffinityNet label map from the two CRF score maps (same ``H, W``), uint8.
 
-    Foreground where the low-alpha CRF (``la``, background weak) picks a class; background where
-    the high-alpha CRF (``ha``, background strong) picks the background; ignored (255) where they
-    disagree and where no score is above ``NO_SCORE`` (crop padding).
+    The background score is ``(1 - max)^alpha``, so the low-alpha CRF (``la``) has the stronger
+    background and the high-alpha one (``ha``) the weaker. Foreground where ``la`` still picks a
+    class (confident foreground); background where even ``ha`` picks the background (confident
+    background); ignored (255) in between and where no score is above ``NO_SCORE`` (crop padding).
     """
     la = la_labels[np.argmax(la_scores, axis=0)]
     ha = ha_labels[np.argmax(ha_scores, axis=0)]
