@@ -175,18 +175,6 @@ class Command:
         print(f"\n$ {self.line()} {' '.join(argv)}", flush=True)
         return self.module.run(self.module.get_arg_parser().parse_args(argv))
 
-    def crf_alphas(self) -> tuple[float, ...]:
-        """The background powers of the CRF outputs this command writes (``--crf_alphas``)."""
-        if "--crf_alphas" not in self.argv:
-            return infer_SB.CRF_ALPHAS
-        first = self.argv.index("--crf_alphas") + 1
-        values = []
-        for value in self.argv[first:]:
-            if value.startswith("--"):
-                break
-            values.append(float(value))
-        return tuple(values)
-
     def session(self) -> Path:
         return Path(self.argv[self.argv.index("--session_name") + 1])
 
@@ -196,8 +184,9 @@ class Command:
         for flag, value in zip(self.argv, self.argv[1:], strict=False):
             if flag in OUTPUT_FOLDER_FLAGS:
                 found.append(Path(value))
-            elif flag == "--out_crf":
-                found += [infer_SB.crf_dir(value, alpha) for alpha in self.crf_alphas()]
+            elif flag == "--out_crf":  # one folder per background power, as infer_SB reads its flags
+                alphas = self.module.get_arg_parser().parse_args(self.argv).crf_alphas
+                found += [infer_SB.crf_dir(value, alpha) for alpha in alphas]
             elif flag == "--session_name":
                 found.append(Path(f"{value}.pth"))
         return found
@@ -301,8 +290,8 @@ def evaluated(cfg: Config) -> tuple[tuple[str, str, list[str]], ...]:
     return (
         ("round1_cam", "round1_cam_{}", ["--type", "npz", "--curve", "True"]),
         ("cam", "cam_{}", ["--type", "npz", "--curve", "True"]),
-        ("crf_la", f"crf_{{}}_{la:.1f}", ["--type", "npz"]),
-        ("crf_ha", f"crf_{{}}_{ha:.1f}", ["--type", "npz"]),
+        ("crf_la", str(infer_SB.crf_dir("crf_{}", la)), ["--type", "npz"]),
+        ("crf_ha", str(infer_SB.crf_dir("crf_{}", ha)), ["--type", "npz"]),
         ("rw", "rw_{}", ["--type", "png"]),
         ("seg", "seg_{}", ["--type", "png"]),
         ("seg_crf", "seg_crf_{}", ["--type", "png"]),
